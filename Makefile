@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv on first use: the CPU build of PyTorch first (a local wheel;
+# a bare `torch` would pull a multi-GB CUDA build), then the project with its extras,
+# constrained so nothing replaces that torch.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint ui clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	echo "torch==2.13.0" > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[launchers,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/bnn-harness run +experiment=demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+ui: $(STAMP)
+	$(BIN)/bnn-harness ui
+
+clean:
+	rm -rf results/cache results/hydra results/mlflow.db results/mlartifacts
