@@ -205,12 +205,12 @@ def execute(job: Job) -> dict[str, Any]:
 
 def run(cfg: DictConfig, registry: Registry, tags: dict[str, str] | None = None) -> dict[str, Any]:
     job = prepare(cfg, registry)
-    params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     base_tags = {
         "method": cfg.method.name,
         "backend": cfg.backend.name,
         "dataset": cfg.dataset.name,
         "quant": cfg.quant.name,
     }
-    with tracking.job_run(cfg.tracking, run_name(cfg), params, base_tags | (tags or {})):
+    with tracking.job_run(cfg.tracking, run_name(cfg), resolved, base_tags | (tags or {})):
         return execute(job)

@@ -77,7 +77,8 @@ def job_run(
     exp = experiment_id(cfg)
     tags = {"git_commit": git_commit(), "hardware": hardware(), **tags}
     with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
-        mlflow.log_params({k: str(v)[:MAX_PARAM] for k, v in params.items()})
+        mlflow.log_params({k: str(v)[:MAX_PARAM] for k, v in flatten(resolved).items()})
+        mlflow.log_dict(resolved, "config.yaml")
         try:
             yield run
         except BaseException as err:

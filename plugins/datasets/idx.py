@@ -171,6 +171,8 @@ def read_ambiguous(root: str | Path) -> dict[str, np.ndarray]:
             f"AmbiguousMNIST directory {root} {state} {AMBIGUOUS_FILE} "
             "(arrays x_train, y_train, x_test, y_test)"
         )
+    if not zipfile.is_zipfile(path):
+        raise HarnessError(f"{path} is not an NPZ archive (save it with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

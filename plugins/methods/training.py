@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,6 @@ class FitConfig:
     batch_size: int = 64
     weight_decay: float = 1e-4
     patience: int = 10
-    progress: bool = True
 
 
 class _Task(L.LightningModule):
@@ -65,6 +65,7 @@ def train(module: nn.Module, data: DataBundle, cfg: FitConfig, loss: LossFn, nll
     for key in ("epochs", "batch_size", "patience"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"method.fit.{key} must be positive, got {getattr(cfg, key)}")
+    quiet_lightning()
     x, y = data.train
     train_loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size, shuffle=True)
     val_loader = DataLoader(TensorDataset(*data.val), batch_size=4096)
@@ -76,7 +77,7 @@ def train(module: nn.Module, data: DataBundle, cfg: FitConfig, loss: LossFn, nll
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=cfg.progress,
+        enable_progress_bar=sys.stderr.isatty(),  # bars for people, not for logs
         callbacks=[L.pytorch.callbacks.EarlyStopping("val_nll", patience=cfg.patience)],
     )
     with warnings.catch_warnings():
