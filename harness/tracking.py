@@ -72,14 +72,15 @@ def hardware() -> str:
 
 @contextmanager
 def job_run(
-    cfg: TrackingConfig, run_name: str, params: dict[str, Any], tags: dict[str, str]
+    cfg: TrackingConfig, run_name: str, resolved: dict[str, Any], tags: dict[str, str]
 ) -> Iterator[Run]:
+    """An MLflow run holding the flattened config as params and the config itself."""
     exp = experiment_id(cfg)
     tags = {"git_commit": git_commit(), "hardware": hardware(), **tags}
     with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
-        mlflow.log_params({k: str(v)[:MAX_PARAM] for k, v in flatten(resolved).items()})
-        mlflow.log_dict(resolved, "config.yaml")
         try:
+            mlflow.log_params({k: str(v)[:MAX_PARAM] for k, v in flatten(resolved).items()})
+            mlflow.log_dict(resolved, "config.yaml")
             yield run
         except BaseException as err:
             mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])

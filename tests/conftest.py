@@ -1,0 +1,55 @@
+"""Shared fixtures: a composed config that trains in seconds and writes only to tmp_path."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from harness import config, registry
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+BIN = Path(sys.executable).parent
+FAST = [
+    "method.fit.epochs=3",
+    "reference.method.fit.epochs=3",
+    "reference.method.samples=10",
+    "batch_sizes=[1,4]",
+    "timing.rounds=2",
+    "timing.warmup=1",
+    "timing.min_block_s=0.001",
+    "moment_samples=20",
+]
+
+
+def store_overrides(root: Path) -> list[str]:
+    return [
+        f"tracking.uri=sqlite:///{root}/mlflow.db",
+        f"tracking.artifacts={root}/artifacts",
+        f"cache_dir={root}/cache",
+    ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _schemas() -> None:
+    config.register(registry.default())
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    def make(*overrides: str, root: Path | None = None) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(
+                "config", overrides=[*FAST, *store_overrides(root or tmp_path), *overrides]
+            )
+
+    return make
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
