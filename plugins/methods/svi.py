@@ -26,7 +26,7 @@ class SVIFit(training.FitConfig):
     patience: int = 30
     prior_std: float = 1.0
     init_sigma: float = 1e-3
-    kl_weight: float = 1.0
+    kl_weight: float = 0.03
     local_reparam: bool = True
     val_samples: int = 16
 
