@@ -18,7 +18,10 @@ def _posterior(value: float) -> Posterior:
 def test_roundtrip_is_safetensors_and_json(tmp_path: Path) -> None:
     post = _posterior(1.5)
     post.save(tmp_path / "p")
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["meta.json", "tensors.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "meta.json",
+        "tensors.safetensors",
+    ]
     assert json.loads((tmp_path / "p" / "meta.json").read_text())["method"] == "toy"
     back = Posterior.load(tmp_path / "p")
     assert torch.equal(back.tensors["net.w"], post.tensors["net.w"])

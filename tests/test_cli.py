@@ -18,14 +18,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def bnn(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None):
     return subprocess.run(
-        [str(BIN / "bnn-harness"), *args], capture_output=True, text=True, cwd=cwd,
-        env=env or cli_env(), timeout=600,
+        [str(BIN / "bnn-harness"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env or cli_env(),
+        timeout=600,
     )
 
 
 def test_multirun_records_failed_job_and_goes_on(tmp_path: Path) -> None:
-    out = bnn("run", "-m", "method=mc_dropout", "method.samples=0,3", *FAST,
-              *store_overrides(tmp_path), f"hydra.sweep.dir={tmp_path}/sweep")
+    out = bnn(
+        "run",
+        "-m",
+        "method=mc_dropout",
+        "method.samples=0,3",
+        *FAST,
+        *store_overrides(tmp_path),
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    )
     assert out.returncode == 1, out.stderr
     assert "method.samples must be positive" in out.stderr
     assert "1 job(s) failed" in out.stderr
@@ -75,8 +86,13 @@ def _free_port() -> int:
 
 def test_ui_serves_on_localhost(tmp_path: Path) -> None:
     port = _free_port()
-    proc = subprocess.Popen([str(BIN / "bnn-harness"), "ui", "--port", str(port)], cwd=tmp_path,
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BIN / "bnn-harness"), "ui", "--port", str(port)],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -143,7 +159,14 @@ def test_third_party_plugin_ships_its_own_config_group(tmp_path: Path) -> None:
     env = cli_env() | {"PYTHONPATH": str(tmp_path / "site")}
     listed = bnn("plugins", env=env)
     assert "blobs" in listed.stdout and "[blobs-plugin]" in listed.stdout
-    out = bnn("run", "dataset=blobs", "method=deterministic", *FAST, *store_overrides(tmp_path),
-              f"hydra.run.dir={tmp_path}/r", env=env)
+    out = bnn(
+        "run",
+        "dataset=blobs",
+        "method=deterministic",
+        *FAST,
+        *store_overrides(tmp_path),
+        f"hydra.run.dir={tmp_path}/r",
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert "deterministic-torch: acc=" in out.stdout

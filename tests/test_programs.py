@@ -91,7 +91,9 @@ def test_mc_dropout_samples_differ_and_ensemble_stacks() -> None:
 
     nets = [factory() for _ in range(3)]
     tensors = {f"member{i}.{k}": v for i, n in enumerate(nets) for k, v in n.state_dict().items()}
-    prog = Ensemble().program(Posterior("ensemble", tensors, {"members": 3}), factory, EnsembleConfig())
+    prog = Ensemble().program(
+        Posterior("ensemble", tensors, {"members": 3}), factory, EnsembleConfig()
+    )
     out = prog(x)
     for i, n in enumerate(nets):
         assert torch.allclose(out[i], n.eval()(x), atol=1e-6)

@@ -29,9 +29,20 @@ def test_run_logs_params_metrics_tags_artifacts(make_cfg, tmp_path: Path) -> Non
     assert runs.loc[0, "tags.mlflow.runName"] == "deterministic-torch"
     for tag in ("git_commit", "hardware", "method", "backend", "dataset"):
         assert runs.loc[0, f"tags.{tag}"], tag
-    for metric in ("cls/acc", "cal/nll", "cal/brier", "cal/ece", "ood/auroc_entropy",
-                   "ood/auroc_mi", "lat/b1_ms", "speedup/b1", "speedup/b4", "mem/param_bytes",
-                   "unc/ambiguous_aleatoric", "unc/ood_patches_epistemic"):
+    for metric in (
+        "cls/acc",
+        "cal/nll",
+        "cal/brier",
+        "cal/ece",
+        "ood/auroc_entropy",
+        "ood/auroc_mi",
+        "lat/b1_ms",
+        "speedup/b1",
+        "speedup/b4",
+        "mem/param_bytes",
+        "unc/ambiguous_aleatoric",
+        "unc/ood_patches_epistemic",
+    ):
         assert runs.loc[0, f"metrics.{metric}"] == pytest.approx(results[metric]), metric
     assert 0.5 < results["cls/acc"] <= 1.0
     client = mlflow.MlflowClient()
@@ -41,12 +52,15 @@ def test_run_logs_params_metrics_tags_artifacts(make_cfg, tmp_path: Path) -> Non
 
 
 def test_same_config_same_metrics_and_cache_hit(make_cfg, tmp_path: Path) -> None:
-    first = runner.run(make_cfg("method=mc_dropout", "method.samples=5", root=tmp_path / "a"),
-                       registry.default())
-    again = runner.run(make_cfg("method=mc_dropout", "method.samples=5", root=tmp_path / "a"),
-                       registry.default())
-    fresh = runner.run(make_cfg("method=mc_dropout", "method.samples=5", root=tmp_path / "b"),
-                       registry.default())
+    first = runner.run(
+        make_cfg("method=mc_dropout", "method.samples=5", root=tmp_path / "a"), registry.default()
+    )
+    again = runner.run(
+        make_cfg("method=mc_dropout", "method.samples=5", root=tmp_path / "a"), registry.default()
+    )
+    fresh = runner.run(
+        make_cfg("method=mc_dropout", "method.samples=5", root=tmp_path / "b"), registry.default()
+    )
     assert first["fit/cached"] == 0.0 and again["fit/cached"] == 1.0
     for key in ("cls/acc", "cal/nll", "cal/ece", "ood/auroc_mi", "unc/test_epistemic"):
         assert first[key] == again[key] == fresh[key], key

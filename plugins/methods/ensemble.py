@@ -17,7 +17,11 @@ from plugins.methods.deterministic import fit_map, load_net
 class EnsembleConfig:
     name: str = "ensemble"
     members: int = 5
-    fit: training.FitConfig = field(default_factory=training.FitConfig)
+    # Members train to convergence (no weight decay, long patience): averaging already
+    # softens the predictive, so early-stopped members make an underconfident ensemble.
+    fit: training.FitConfig = field(
+        default_factory=lambda: training.FitConfig(epochs=100, weight_decay=0.0, patience=40)
+    )
 
 
 class StackedEnsemble(InferenceProgram):
