@@ -12,9 +12,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def scores(tmp_path_factory, _schemas) -> dict[str, dict[str, float]]:
-    from tests.conftest import CONF, store_overrides
-
     from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF, store_overrides
 
     root = tmp_path_factory.mktemp("calibration")
     out = {}
