@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
-	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[launchers,dev]"
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[launchers,laplace,tvm,dev]"
+	# laplace-torch and backpack list torchvision but import it only in examples; PyPI's
+	# torchvision cannot load beside the CPU torch wheel, and torchmetrics imports it
+	# whenever it is installed, so it goes.
+	$(BIN)/pip uninstall --yes --quiet torchvision
 	touch $(STAMP)
 
 demo: $(STAMP)

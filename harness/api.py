@@ -79,6 +79,35 @@ class Posterior:
         return {k[cut:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
 
 
+MOMENT_OPS = ("dense", "conv2d", "relu", "maxpool2d", "avgpool2d", "batchnorm", "flatten")
+
+
+@dataclass
+class MomentOp:
+    """One layer of a moment-propagation program, as plain data a backend can lower.
+
+    A backend that has its own Gaussian operators (TVM) compiles the list instead of
+    tracing the module, so both run the same graph. Conventions, shared by every
+    backend: activations are (mean, variance) pairs; the input is deterministic.
+
+    - dense: tensors mean_w [out, in], var_w [out, in], mean_b [out], var_b [out];
+      attrs first (bool: input has no variance). mean = m W^T + b;
+      var = (m^2 + v) var_w^T + v (mean_w^2)^T + var_b (first: x^2 var_w^T + var_b).
+    - conv2d: tensors as dense with weights [out, in, kh, kw]; attrs first, stride,
+      padding (ints), same formulas with convolution in place of the matrix product.
+    - relu: exact moments of max(0, N(m, v)).
+    - maxpool2d / avgpool2d: attrs kernel, stride. Max of the window folded pairwise in
+      row-major order, ((x00 v x01) v x10) v x11, each step Clark's moment match.
+    - batchnorm: tensors scale [C], shift [C] (eval mode folded): m*scale + shift,
+      v*scale^2, broadcast over the channel axis 1.
+    - flatten: from axis 1.
+    """
+
+    op: str
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
 class InferenceProgram(nn.Module):
     """A module mapping a batch to raw outputs of a declared kind.
 
@@ -87,6 +116,10 @@ class InferenceProgram(nn.Module):
     """
 
     kind: OutputKind = "samples"
+
+    def moment_ops(self) -> list[MomentOp] | None:
+        """The program as a MomentOp list, when it is pure moment propagation."""
+        return None
 
 
 @runtime_checkable
@@ -151,6 +184,50 @@ class Model(Protocol):
 class MemoryAccount:
     bytes_before: int
     bytes_after: int
+
+
+QUANT_BITS = range(2, 9)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What a program quantizes while it computes (SPQ, JQ), read from posterior.meta["quant"].
+
+    Stored parameters are quantized by the quantizer itself (VPQ); this spec is for what only
+    exists at run time: sampled or propagated weights, and activations.
+    """
+
+    bits: int
+    weights: bool = False
+    activations: bool = False
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> QuantSpec | None:
+        node = meta.get("quant")
+        return None if node is None else cls(**node)
+
+
+def check_bits(bits: int) -> None:
+    if bits not in QUANT_BITS:
+        raise HarnessError(f"quant.bits must be an integer in 2..8, got {bits}")
+
+
+def fake_quant(x: Tensor, bits: int, dim: int | None = None) -> Tensor:
+    """Symmetric uniform quantize-dequantize, s * clip(round(x / s), -2^(b-1), 2^(b-1) - 1).
+
+    The scale is the max magnitude per tensor (or per slice along `dim`, e.g. per output
+    channel); the gradient passes straight through so quantization-aware training works.
+    """
+    check_bits(bits)
+    levels = 2 ** (bits - 1) - 1
+    mag = x.detach().abs()
+    if dim is None:
+        peak = mag.amax()
+    else:
+        peak = mag.amax(dim=[d for d in range(x.dim()) if d != dim % x.dim()], keepdim=True)
+    scale = peak.clamp_min(torch.finfo(x.dtype).tiny) / levels
+    q = (x / scale).round().clamp(-levels - 1, levels) * scale
+    return x + (q - x).detach()
 
 
 @runtime_checkable

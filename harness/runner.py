@@ -90,20 +90,42 @@ def training_key(job: Job, method_cfg: DictConfig, name: str) -> dict[str, Any]:
     }
 
 
+def base_of(method: Any, method_cfg: DictConfig) -> tuple[str, DictConfig] | None:
+    """The posterior a method starts from, and the config that trains it.
+
+    A method may choose per config (`base_config`, e.g. PFP training its own posterior).
+    Otherwise a `base` node in the config (a whole method config, e.g. linearised on
+    Laplace) names it; failing that, the method's fixed `base` trains with the method's
+    own config, so its `fit` settings, and its cache entry, match a plain run of the base.
+    """
+    if hasattr(method, "base_config"):
+        node = method.base_config(method_cfg)
+        return None if node is None else (node.name, node)
+    if method_cfg.get("base") is not None:
+        return method_cfg.base.name, method_cfg.base
+    return (method.base, method_cfg) if method.base else None
+
+
 def fit_or_load(
     job: Job, method_cfg: DictConfig, name: str | None = None
 ) -> tuple[Posterior, bool]:
+    """A method's posterior, fitting its base first; `name` set: a base on a borrowed config."""
     name = name or method_cfg.name
     method = job.registry.get("method", name)
-    base = fit_or_load(job, method_cfg, method.base)[0] if method.base else None
+    if name == method_cfg.name:
+        found = base_of(method, method_cfg)
+    else:
+        found = (method.base, method_cfg) if method.base else None
+    base = fit_or_load(job, found[1], found[0])[0] if found else None
+    key = training_key(job, method_cfg, name)
+    if found:
+        key["base"] = training_key(job, found[1], found[0])
 
     def fit() -> Posterior:
         L.seed_everything(job.cfg.seed, verbose=False)
         return method.fit(job.net_factory, job.data, method_cfg, base)
 
-    return cache.fit_or_load(
-        Path(job.cfg.cache_dir), name, training_key(job, method_cfg, name), fit
-    )
+    return cache.fit_or_load(Path(job.cfg.cache_dir), name, key, fit)
 
 
 def quantize(job: Job, posterior: Posterior) -> tuple[Posterior, MemoryAccount]:
