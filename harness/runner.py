@@ -73,6 +73,9 @@ def prepare(cfg: DictConfig, registry: Registry) -> Job:
     if cfg.eval_batch_size <= 0 or cfg.moment_samples <= 0:
         raise HarnessError("eval_batch_size and moment_samples must be positive")
     check_plugins(registry, cfg)
+    quantizer = registry.get("quantizer", cfg.quant.name)
+    if hasattr(quantizer, "check"):  # optional: reject bad options before anything trains
+        quantizer.check(cfg.quant)
     data = load_data(registry, cfg)
     factory = registry.get("model", cfg.model.name).factory(cfg.model, data.spec)
     return Job(cfg, registry, data, factory)
@@ -81,13 +84,24 @@ def prepare(cfg: DictConfig, registry: Registry) -> Job:
 def training_key(job: Job, method_cfg: DictConfig, name: str) -> dict[str, Any]:
     """Everything that changes a trained posterior, and nothing that does not."""
     cfg = job.cfg
-    return {
+    fit = method_cfg.get("fit") or {}
+    if isinstance(fit, DictConfig):  # resolve in place: interpolations may point at the root
+        fit = OmegaConf.to_container(fit, resolve=True)
+    key = {
         "method": name,
-        "fit": OmegaConf.to_container(method_cfg.get("fit", {}), resolve=True),
+        "fit": OmegaConf.to_container(OmegaConf.create(fit), resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
         "seed": cfg.seed,
     }
+    # Options outside `fit` that still change the posterior (e.g. Laplace's hessian), as
+    # the method declares them; methods that declare none keep their old cache keys.
+    options = list(getattr(job.registry.get("method", name), "fit_options", ()))
+    if options:
+        key["options"] = OmegaConf.to_container(
+            OmegaConf.masked_copy(method_cfg, options), resolve=True
+        )
+    return key
 
 
 def base_of(method: Any, method_cfg: DictConfig) -> tuple[str, DictConfig] | None:
@@ -188,7 +202,17 @@ def time_against_reference(job: Job, exe: Executable) -> dict[str, float]:
 def run_name(cfg: DictConfig) -> str:
     bits = cfg.quant.get("bits")
     quant = "" if cfg.quant.name == "none" else f"-{cfg.quant.name}{bits or ''}"
-    return f"{cfg.method.name}-{cfg.backend.name}{quant}"
+    batch = "" if cfg.batch_size is None else f"-b{cfg.batch_size}"
+    return f"{cfg.method.name}-{cfg.backend.name}{quant}{batch}"
+
+
+def uncertainties(preds: dict[str, Predictive]) -> dict[str, Any]:
+    """Per-sample entropy split of each evaluated split, for the report's histograms."""
+    return {
+        f"{split}.{part}": getattr(pred, part).detach().cpu().float().numpy()
+        for split, pred in preds.items()
+        for part in ("total", "aleatoric", "epistemic")
+    }
 
 
 def execute(job: Job) -> dict[str, Any]:
@@ -221,6 +245,7 @@ def execute(job: Job) -> dict[str, Any]:
             "reliability.json": reliability,
         },
         {"reliability.png": plots.reliability(reliability, run_name(cfg))},
+        {"uncertainty.npz": uncertainties(preds)},
     )
     return results
 
@@ -233,6 +258,8 @@ def run(cfg: DictConfig, registry: Registry, tags: dict[str, str] | None = None)
         "backend": cfg.backend.name,
         "dataset": cfg.dataset.name,
         "quant": cfg.quant.name,
+        "bits": str(32 if cfg.quant.name == "none" else cfg.quant.get("bits") or 32),
+        "model": cfg.model.name,
     }
     with tracking.job_run(cfg.tracking, run_name(cfg), resolved, base_tags | (tags or {})):
         return execute(job)
