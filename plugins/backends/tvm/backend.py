@@ -1,0 +1,198 @@
+"""The two TVM backends and their executable: one compiled module per batch size, cached.
+
+Path choice: a "moments" program that describes itself as a MomentOp list is lowered
+with our Gaussian operator library (lowering.py); anything else goes through
+torch.export and TVM's PyTorch frontend (generic.py).
+
+Batch size: shapes are static. The executable compiles a module the first time it
+sees a batch size and keeps it, so the harness's evaluation chunks, its last smaller
+chunk and each timing batch size cost one build each (well under a second for the
+seed's networks untuned; tuned builds read the MetaSchedule database). A symbolic batch
+would save those builds but MetaSchedule does not tune symbolic shapes, and static
+bounds let the schedules split loops without tails.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from harness.api import HarnessError, InferenceProgram
+from plugins.backends.tvm import TVMArmConfig, TVMConfig
+
+PATHS = ("auto", "gaussian", "generic")
+Runner = Callable[[Tensor], Any]
+
+
+def host_target(mcpu: str = ""):
+    """LLVM's own name for this CPU (e.g. znver5): the bundled LLVM refuses "native"."""
+    import tvm
+    from tvm.target import codegen
+
+    cpu = mcpu or codegen.llvm_get_system_cpu()
+    if not codegen.llvm_is_valid_cpu(cpu, codegen.llvm_get_system_triple()):
+        raise HarnessError(f"backend.mcpu '{cpu}' is not a CPU this LLVM knows")
+    # num-cores: MetaSchedule sizes its parallel loops by it and refuses a target without it
+    cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": cores})
+
+
+def lanes(target) -> int:
+    """float32 lanes of the target's vector registers (AVX-512: 16, NEON: 4)."""
+    from tvm.target import codegen
+
+    return max(1, codegen.llvm_get_vector_width(target) // 32)
+
+
+def to_torch(out: Any) -> Any:
+    import tvm
+
+    if isinstance(out, tvm.runtime.Tensor):
+        return torch.from_numpy(out.numpy())
+    return tuple(to_torch(o) for o in out)
+
+
+def choose_path(program: InferenceProgram, requested: str) -> str:
+    if requested not in PATHS:
+        raise HarnessError(f"backend.path must be one of {', '.join(PATHS)}, got '{requested}'")
+    has_ops = program.kind == "moments" and program.moment_ops() is not None
+    if requested == "gaussian" and not has_ops:
+        raise HarnessError(
+            "backend.path=gaussian needs a moment program with moment_ops() (e.g. method=pfp)"
+        )
+    if requested == "auto":
+        return "gaussian" if has_ops else "generic"
+    return requested
+
+
+class TVMExecutable:
+    """Calls the module built for x's batch size, building it on first sight."""
+
+    def __init__(self, build_for: Callable[[Tensor], Runner], info: dict[str, Any]):
+        self._build_for, self._runners, self.info = build_for, {}, info
+        self.info.setdefault("compile_s", 0.0)
+        self.info.setdefault("trials", 0)
+        self.info.setdefault("tuned_tasks", 0)
+
+    def __call__(self, x: Tensor) -> Any:
+        run = self._runners.get(x.shape[0])
+        if run is None:
+            start = time.perf_counter()
+            run = self._runners[x.shape[0]] = self._build_for(x)
+            self.info["compile_s"] += time.perf_counter() - start
+        return run(x)
+
+    def describe(self) -> dict[str, Any]:
+        return self.info | {"batch_sizes_built": sorted(self._runners)}
+
+
+class TVMBackend:
+    name = "tvm"
+
+    def target(self, cfg: TVMConfig):
+        return host_target(cfg.mcpu)
+
+    def compile(self, program: InferenceProgram, example: Tensor, cfg: TVMConfig) -> TVMExecutable:
+        from plugins.backends.tvm import tuning
+
+        tuning.check_mode(cfg.tune)
+        path = choose_path(program, cfg.path)
+        target = self.target(cfg)
+        program = program.eval()
+        info: dict[str, Any] = {
+            "target": str(target),
+            "tuning": cfg.tune,
+            "path": path,
+            "noise": "none" if path == "gaussian" else "sampled by torch per call, fed as inputs",
+        }
+        exe = TVMExecutable(lambda x: self._build(program, x, path, target, cfg, info), info)
+        exe(example)  # build the example's batch size now: fail here, not mid-evaluation
+        return exe
+
+    def _module(self, program: InferenceProgram, x: Tensor, path: str, target, cfg: TVMConfig):
+        """The Relax module, its hand schedule (or None) and the program's random draws."""
+        from plugins.backends.tvm import generic, lowering, schedules
+
+        if path == "gaussian":
+            mod = lowering.to_relax(program.moment_ops(), tuple(x.shape))
+            width = lanes(target)
+            return mod, (lambda m: schedules.schedule_module(m, width)), []
+        mod, draws = generic.to_relax(program, x)
+        return mod, None, draws
+
+    def _build(
+        self, program: InferenceProgram, x: Tensor, path: str, target, cfg: TVMConfig, info
+    ) -> Runner:
+        from plugins.backends.tvm import tuning
+
+        mod, schedule, draws = self._module(program, x, path, target, cfg)
+        ex, built = tuning.build(
+            mod, target, cfg.tune, schedule=schedule, trials=cfg.trials, tuning_dir=cfg.tuning_dir
+        )
+        info["trials"] += built.trials
+        info["tuned_tasks"] += built.tuned_tasks
+        if built.database:
+            info["database"] = built.database
+        return self.runner(ex, draws, cfg, info)
+
+    def runner(self, ex, draws, cfg: TVMConfig, info) -> Runner:
+        import tvm
+        from tvm import relax
+
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        return _runner(vm["main"], draws, lambda a: tvm.runtime.tensor(a, tvm.cpu()))
+
+
+def _runner(fn, draws, put) -> Runner:
+    """Fresh noise per call (inside the timed call), then the compiled function."""
+
+    def run(x: Tensor) -> Any:
+        args = [put(x.detach().contiguous().numpy())]
+        args += [put(d.sample().numpy()) for d in draws]
+        return to_torch(fn(*args))
+
+    return run
+
+
+class TVMArmBackend(TVMBackend):
+    name = "tvm_arm"
+
+    def target(self, cfg: TVMArmConfig):
+        from plugins.backends.tvm import arm
+
+        return arm.target(cfg.mcpu, cfg.cores)
+
+    def export(
+        self, program: InferenceProgram, example: Tensor, cfg: TVMArmConfig, directory: Path
+    ) -> Path:
+        """Build for the example's batch size and export the aarch64 library; no board needed."""
+        from plugins.backends.tvm import arm, tuning
+
+        tuning.check_mode(cfg.tune)
+        arm.check_compiler(cfg.cc)
+        path, target = choose_path(program, cfg.path), self.target(cfg)
+        mod, schedule, _ = self._module(program.eval(), example, path, target, cfg)
+        ex, _ = tuning.build(
+            mod, target, cfg.tune, schedule=schedule, trials=cfg.trials, tuning_dir=cfg.tuning_dir
+        )
+        return arm.export(ex, Path(directory) / f"bnn_b{example.shape[0]}.so", cfg.cc)
+
+    def compile(
+        self, program: InferenceProgram, example: Tensor, cfg: TVMArmConfig
+    ) -> TVMExecutable:
+        from plugins.backends.tvm import arm
+
+        self.session = arm.connect(cfg)
+        exe = super().compile(program, example, cfg)
+        exe.info |= self.session.describe()
+        return exe
+
+    def runner(self, ex, draws, cfg: TVMArmConfig, info) -> Runner:
+        fn, put = self.session.load(ex)
+        return _runner(fn, draws, put)

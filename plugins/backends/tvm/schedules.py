@@ -1,0 +1,103 @@
+"""Hand-written CPU schedules for the Gaussian operators (how, kept apart from what).
+
+The rule per block is picked by the compute's name from gaussian_ops.py:
+
+- `*_moments` (dense, conv): output tile of `lanes` outputs on the innermost axis,
+  accumulated in registers (cache_write to local) with the reduction loops outside the
+  vector lanes; the bias epilogue runs on the same tile; the batch/channel loop is
+  parallel.
+- pads and pool window copies: inlined into their consumer.
+- everything else (ReLU, Clark folds, batch-norm, flatten): flattened, vectorised by
+  `lanes`, parallel over the outer part.
+
+Static shapes only (lowering.py builds one module per batch size), so every split is
+by a factor that divides its loop: no tail predicates that would block vectorisation.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+
+INLINE = ("pool_m0", "pool_v0", "zero_var")
+BIAS = ("bias_m", "bias_v")
+
+
+def _divisor(extent: int, cap: int) -> int:
+    """The largest divisor of extent not above cap (a split without a tail)."""
+    for f in range(min(cap, extent), 0, -1):
+        if extent % f == 0:
+            return f
+    return 1
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _elementwise(sch: s_tir.Schedule, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    iters = sch.get(block).iter_vars
+    if any(it.iter_type != 0 for it in iters):  # pooling windows: parallel, window inner
+        spatial = [lp for lp, it in zip(loops, iters, strict=True) if it.iter_type == 0]
+        sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    total = _extent(sch, fused)
+    vec = _divisor(total, lanes)
+    outer, inner = sch.split(fused, [None, vec])
+    sch.parallel(outer)
+    if vec > 1:
+        sch.vectorize(inner)
+
+
+def _reduction(sch: s_tir.Schedule, block, lanes: int, epilogues: list) -> None:
+    """Loops (spatial..., last spatial, reductions...) -> (parallel, tile, red..., lanes)."""
+    acc = [sch.cache_write(block, i, "local") for i in range(2)]
+    for epi in epilogues:
+        sch.reverse_compute_inline(epi)
+    loops = sch.get_loops(block)
+    iters = sch.get(block).iter_vars
+    spatial = [lp for lp, it in zip(loops, iters, strict=True) if it.iter_type == 0]
+    reduce = [lp for lp, it in zip(loops, iters, strict=True) if it.iter_type != 0]
+    last = spatial[-1]
+    vec = _divisor(_extent(sch, last), lanes)
+    tile, lane = sch.split(last, [None, vec])
+    outer = sch.fuse(*spatial[:-1], tile) if len(spatial) > 1 else tile
+    sch.reorder(outer, *reduce, lane)
+    for stage in acc:
+        sch.reverse_compute_at(stage, outer)
+    # parallel/vectorize before decompose_reduction: afterwards the update block is no
+    # longer a reduction block and both primitives refuse the loop
+    sch.parallel(outer)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(block, reduce[0])
+    for stage in [init, *acc]:
+        sch.vectorize(sch.get_loops(stage)[-1])
+
+
+def schedule_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    for name, block in blocks.items():
+        if name.startswith(INLINE):
+            sch.compute_inline(block)
+    epilogues = [blocks[n] for n in BIAS if n in blocks]
+    for name, block in blocks.items():
+        if name.startswith(INLINE) or name in BIAS:
+            continue
+        if name.endswith("_moments"):
+            _reduction(sch, block, lanes, epilogues)
+        else:
+            _elementwise(sch, block, lanes)
+    return sch.mod["main"]
+
+
+def schedule_module(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+    """Every TIR function of the module scheduled; the Relax function left as it is."""
+    out = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            func = schedule_func(func, lanes).with_attr("global_symbol", gv.name_hint)
+        out[gv] = func
+    return tvm.IRModule(out, attrs=mod.attrs)

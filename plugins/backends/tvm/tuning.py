@@ -1,0 +1,165 @@
+"""Building a Relax module under one of three tuning modes, with a reusable MetaSchedule database.
+
+- none: TVM's default CPU pipeline; TIR as written (LLVM vectorises what it can).
+- default: hand schedules (schedules.py) for the Gaussian operators; DLight's CPU rules
+  for what the PyTorch frontend produces. No search, no database.
+- metaschedule: evolutionary search with a trial budget. Records go to one JSON database
+  per target under `tuning_dir`; MetaSchedule keys each record by the structural hash of
+  the TIR workload (shapes and code, not weight values), so a sweep over seeds, methods
+  or datasets with the same layer shapes tunes each workload once and later builds only
+  read the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+from tvm import relax
+
+from harness.api import HarnessError
+
+TUNE_MODES = ("none", "default", "metaschedule")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildInfo:
+    seconds: float = 0.0
+    tasks: int = 0
+    tuned_tasks: int = 0  # tasks searched in this build (0 when the database had them all)
+    trials: int = 0  # measured candidates added to the database by this build
+    database: str = ""
+
+
+def check_mode(mode: str) -> None:
+    if mode not in TUNE_MODES:
+        raise HarnessError(f"backend.tune must be one of {', '.join(TUNE_MODES)}, got '{mode}'")
+
+
+def database_dir(root: str | Path, target: tvm.target.Target) -> Path:
+    """One database per target: records of one CPU are no advice for another."""
+    key = hashlib.sha256(json.dumps(str(target), sort_keys=True).encode()).hexdigest()[:12]
+    return Path(root) / f"{target.kind.name}-{target.attrs.get('mcpu', '') or 'generic'}-{key}"
+
+
+# Tensor intrinsics of accelerators a CPU search never uses. MetaSchedule imports all of
+# TVM's intrinsics in the tuner and again in every build worker, and parsing the GPU ones
+# costs tens of CPU-seconds per process (minutes on a loaded machine).
+GPU_INTRINSICS = ("cuda", "rocm", "hexagon", "riscv_cpu")
+
+
+def skip_gpu_intrinsics() -> None:
+    """Stand empty modules in for the GPU intrinsic tables (before their first import)."""
+    for name in GPU_INTRINSICS:
+        full = f"tvm.s_tir.tensor_intrin.{name}"
+        sys.modules.setdefault(full, types.ModuleType(full))
+
+
+def _dlight(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    from tvm.s_tir import dlight as dl
+
+    seq = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    with target:
+        mod = tvm.transform.Sequential(seq)(mod)
+        return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+
+
+def build(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    mode: str,
+    *,
+    schedule: Callable[[tvm.IRModule], tvm.IRModule] | None = None,
+    trials: int = 64,
+    tuning_dir: str | Path = "results/tvm_tuning",
+) -> tuple[relax.VMExecutable, BuildInfo]:
+    """`schedule` is the hand schedule for mode "default" (None: DLight's rules)."""
+    check_mode(mode)
+    start = time.perf_counter()
+    info = BuildInfo()
+    if mode == "metaschedule":
+        ex = _metaschedule(mod, target, trials, Path(tuning_dir), info)
+    else:
+        if mode == "default":
+            mod = schedule(mod) if schedule is not None else _dlight(mod, target)
+        ex = tvm.compile(mod, target=target)
+    info.seconds = time.perf_counter() - start
+    return ex, info
+
+
+def _metaschedule(
+    mod: tvm.IRModule, target: tvm.target.Target, trials: int, root: Path, info: BuildInfo
+) -> relax.VMExecutable:
+    skip_gpu_intrinsics()
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule import relax_integration as ri
+
+    if trials <= 0:
+        raise HarnessError(f"backend.trials must be positive, got {trials}")
+    work = database_dir(root, target)
+    work.mkdir(parents=True, exist_ok=True)
+    db = ms.database.JSONDatabase(work_dir=str(work))
+    tasks = ri.extract_tasks(mod, target)
+    # Workloads searched before count as done even if no candidate was valid (trivial
+    # copies): a later build never searches them again.
+    tried_file = work / "searched.json"
+    tried = set(json.loads(tried_file.read_text())) if tried_file.exists() else set()
+
+    def key(task) -> str:
+        return str(tvm_ffi.structural_hash(task.dispatched[0]))
+
+    todo = [
+        t
+        for t in tasks
+        if key(t) not in tried
+        and db.query_tuning_record(t.dispatched[0], target, t.task_name) is None
+    ]
+    info.tasks, info.tuned_tasks, info.database = len(tasks), len(todo), str(work)
+    if todo:
+        before = len(db.get_all_tuning_records())
+        print(
+            f"[tvm] tuning {len(todo)}/{len(tasks)} workloads, {trials} trials, database {work}",
+            file=sys.stderr,
+            flush=True,
+        )
+        # Thread counts given explicitly: MetaSchedule's own defaults need psutil, and the
+        # XGBoost cost model needs xgboost; without it the search samples at random.
+        workers = os.cpu_count() or 1
+        contexts, weights = ri.extracted_tasks_to_tune_contexts(
+            todo, str(work / "logs"), num_threads=workers, seed=0
+        )
+        per_task = max(1, -(-trials // len(todo)))  # every workload gets its share
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(work / "logs"),
+            max_trials_global=per_task * len(todo),
+            max_trials_per_task=per_task,
+            num_trials_per_iter=min(per_task, 16),
+            builder=ms.builder.LocalBuilder(max_workers=workers, initializer=skip_gpu_intrinsics),
+            runner=ms.runner.LocalRunner(),
+            database=db,
+            cost_model="xgb" if importlib.util.find_spec("xgboost") else "random",
+        )
+        info.trials = len(db.get_all_tuning_records()) - before
+        tried_file.write_text(json.dumps(sorted(tried | {key(t) for t in todo})))
+        print(f"[tvm] tuning done: {info.trials} trials recorded", file=sys.stderr, flush=True)
+    return ri.compile_relax(db, mod, target, None)
