@@ -201,33 +201,96 @@ class QuantSpec:
     weights: bool = False
     activations: bool = False
 
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> QuantSpec | None:
         node = meta.get("quant")
-        return None if node is None else cls(**node)
+        if node is None:
+            return None
+        unknown = set(node) - {"bits", "weights", "activations"}
+        if unknown:
+            raise HarnessError(
+                f"posterior meta 'quant' has unknown keys {sorted(unknown)}; "
+                "valid keys: bits, weights, activations"
+            )
+        return cls(**node)
 
 
-def check_bits(bits: int) -> None:
-    if bits not in QUANT_BITS:
-        raise HarnessError(f"quant.bits must be an integer in 2..8, got {bits}")
+def check_bits(bits: Any) -> None:
+    """Fail early and by name: 16/32 bits are float formats, spelt `quant=none`."""
+    valid = f"{QUANT_BITS.start}..{QUANT_BITS.stop - 1}"
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in QUANT_BITS:
+        hint = " (float16/float32 is quant=none)" if bits in (16, 32) else ""
+        raise HarnessError(f"quant.bits must be an integer in {valid}, got {bits!r}{hint}")
+
+
+def _keep(x: Tensor, dim: int | None) -> list[int]:
+    """The axes reduced over when one scale serves each slice along `dim` (all if None)."""
+    if dim is None:
+        return list(range(x.dim()))
+    return [d for d in range(x.dim()) if d != dim % x.dim()]
 
 
 def fake_quant(x: Tensor, bits: int, dim: int | None = None) -> Tensor:
-    """Symmetric uniform quantize-dequantize, s * clip(round(x / s), -2^(b-1), 2^(b-1) - 1).
+    """Uniform quantize-dequantize with one max-magnitude scale per tensor or per slice.
 
-    The scale is the max magnitude per tensor (or per slice along `dim`, e.g. per output
-    channel); the gradient passes straight through so quantization-aware training works.
+    Slices with a negative entry use the symmetric grid s * clip(round(x / s), -2^(b-1),
+    2^(b-1) - 1), s = max|x| / (2^(b-1) - 1). Non-negative slices (post-ReLU activations)
+    spend the sign bit on magnitude: s * clip(round(x / s), 0, 2^b - 1), s = max x / (2^b - 1);
+    the mode costs no storage since it can ride in the always-positive scale's sign bit.
+    `dim` keeps one scale per slice along it (per output channel, per sample, per row).
+    The choice is made with tensor ops, not Python branches, so it traces and vmaps. The
+    gradient passes straight through (STE), so quantization-aware training works.
     """
     check_bits(bits)
-    levels = 2 ** (bits - 1) - 1
-    mag = x.detach().abs()
-    if dim is None:
-        peak = mag.amax()
-    else:
-        peak = mag.amax(dim=[d for d in range(x.dim()) if d != dim % x.dim()], keepdim=True)
-    scale = peak.clamp_min(torch.finfo(x.dtype).tiny) / levels
-    q = (x / scale).round().clamp(-levels - 1, levels) * scale
-    return x + (q - x).detach()
+    signed_top = 2 ** (bits - 1) - 1
+    if x.dim() == 0:
+        return fake_quant(x.reshape(1), bits).reshape(())
+    axes = _keep(x, dim)
+    xd = x.detach()
+    if axes:
+        peak = xd.abs().amax(dim=axes, keepdim=True)
+        signed = (xd < 0).any(dim=axes, keepdim=True)
+    else:  # a 1-d tensor with one scale per entry
+        peak, signed = xd.abs(), xd < 0
+    top = torch.where(signed, signed_top, 2 * signed_top + 1).to(x.dtype)
+    bottom = torch.where(signed, -signed_top - 1, 0).to(x.dtype)
+    scale = peak.clamp_min(torch.finfo(x.dtype).tiny) / top
+    q = torch.minimum(torch.maximum((xd / scale).round(), bottom), top) * scale
+    return q + (x - xd)  # exactly q forward, identity gradient (STE)
+
+
+def log_quant(x: Tensor, bits: int, dim: int | None = None) -> Tensor:
+    """Logarithmic quantize-dequantize for standard deviations and variances.
+
+    Code 0 is exact zero (e.g. sigma outside a last-layer subset); the other 2^b - 1 codes
+    spread log2|x| uniformly from its smallest to its largest non-zero value per tensor (or
+    per slice along `dim`), so the relative error is at most 2^(step / 2) - 1 at every order
+    of magnitude, where a uniform grid would round small sigmas to zero. Two float32 numbers
+    (offset, step) per scale group are stored. Meant for non-negative tensors; a sign is
+    carried through but is not part of the b bits. Gradient: straight through.
+    """
+    check_bits(bits)
+    if x.dim() == 0:
+        return log_quant(x.reshape(1), bits).reshape(())
+    axes = _keep(x, dim)
+    xd = x.detach()
+    mag = xd.abs()
+    nonzero = mag > 0
+    logs = torch.log2(torch.where(nonzero, mag, torch.ones_like(mag)))
+    low = torch.where(nonzero, logs, torch.full_like(logs, torch.inf))
+    high = torch.where(nonzero, logs, torch.full_like(logs, -torch.inf))
+    if axes:
+        low, high = low.amin(axes, keepdim=True), high.amax(axes, keepdim=True)
+    low = torch.where(torch.isfinite(low), low, torch.zeros_like(low))
+    span = (high - low).clamp_min(0)
+    levels = 2**bits - 2  # intervals between the 2^b - 1 non-zero codes
+    step = torch.where(span > 0, span / levels, torch.ones_like(span))
+    code = ((logs - low) / step).round().clamp(0, levels)
+    q = torch.where(nonzero, torch.sign(xd) * torch.exp2(low + code * step), torch.zeros_like(xd))
+    return q + (x - xd)  # exactly q forward, identity gradient (STE)
 
 
 @runtime_checkable

@@ -14,6 +14,7 @@ hookimpl = pluggy.HookimplMarker("bnn_harness")
 @dataclass
 class NoneConfig:
     name: str = "none"
+    bits: int = 32  # ignored (float32); lets a sweep over quant.bits include the baseline
 
 
 class NoQuantization:
