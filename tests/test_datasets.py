@@ -322,7 +322,7 @@ def test_dirty_mnist_errors(tmp_path: Path) -> None:
 
 def test_hooks_register_datasets_and_schemas() -> None:
     names = [d.name for d in bnn_harness_datasets()]
-    assert names == ["dirty_digits", "mnist", "fashion_mnist", "dirty_mnist"]
+    assert names == ["dirty_digits", "mnist", "fashion_mnist", "dirty_mnist", "regression1d"]
     schemas = bnn_harness_config_schemas()
     assert {s.group for s in schemas} == {"dataset"}
     for schema in schemas:

@@ -16,6 +16,7 @@ from .idx import (
     MNISTConfig,
     read_idx,
 )
+from .regression import Regression1D, Regression1DConfig
 
 hookimpl = pluggy.HookimplMarker("bnn_harness")
 
@@ -28,6 +29,8 @@ __all__ = [
     "FashionMNIST",
     "FashionMNISTConfig",
     "MNISTConfig",
+    "Regression1D",
+    "Regression1DConfig",
     "bnn_harness_config_schemas",
     "bnn_harness_datasets",
     "read_idx",
@@ -36,7 +39,7 @@ __all__ = [
 
 @hookimpl
 def bnn_harness_datasets():
-    return [DirtyDigits(), MNIST(), FashionMNIST(), DirtyMNIST()]
+    return [DirtyDigits(), MNIST(), FashionMNIST(), DirtyMNIST(), Regression1D()]
 
 
 @hookimpl
@@ -46,4 +49,5 @@ def bnn_harness_config_schemas():
         ConfigSchema("dataset", "mnist_schema", MNISTConfig),
         ConfigSchema("dataset", "fashion_mnist_schema", FashionMNISTConfig),
         ConfigSchema("dataset", "dirty_mnist_schema", DirtyMNISTConfig),
+        ConfigSchema("dataset", "regression1d_schema", Regression1DConfig),
     ]

@@ -14,8 +14,17 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from harness.api import DataBundle, HarnessError, InferenceProgram, NetFactory, Posterior
-from plugins.methods import training
+from harness.api import (
+    DataBundle,
+    HarnessError,
+    InferenceProgram,
+    NetFactory,
+    Posterior,
+    QuantSpec,
+    fake_quant,
+    log_quant,
+)
+from plugins.methods import families, training
 
 
 @dataclass
@@ -29,6 +38,8 @@ class SVIFit(training.FitConfig):
     kl_weight: float = 0.03
     local_reparam: bool = True
     val_samples: int = 16
+    family: str = "gaussian"  # the noise law z of theta = mu + sigma z (plugins.methods.families)
+    family_path: str | None = None  # device-noise sample (CSV/NPY) for family "empirical"
 
 
 @dataclass
@@ -36,6 +47,8 @@ class SVIConfig:
     name: str = "svi"
     samples: int = 100
     local_reparam: bool = False
+    family: str | None = None  # deploy family for the same (mu, sigma); None: fit.family
+    family_path: str | None = None  # None: fit.family_path
     fit: SVIFit = field(default_factory=SVIFit)
 
 
@@ -63,11 +76,16 @@ def _conv(layer: nn.Conv2d):
 
 
 class MeanField(nn.Module):
-    """Trainable q(θ) = N(μ, softplus(ρ)²) over a skeleton network's parameters."""
+    """Trainable q(θ) = μ + softplus(ρ)·z, z ~ a standardised family (N(0, 1) by default).
 
-    def __init__(self, net: nn.Module, init_sigma: float):
+    Local reparameterisation is exact only for Gaussian z, so other families always
+    sample weights.
+    """
+
+    def __init__(self, net: nn.Module, init_sigma: float, family: families.Family | None = None):
         super().__init__()
         self.net = net
+        self.family = family or families.get("gaussian")
         self.names = [n for n, _ in net.named_parameters()]
         rho0 = math.log(math.expm1(init_sigma))
         self.rho = nn.ParameterList(
@@ -81,23 +99,27 @@ class MeanField(nn.Module):
 
     def forward(self, x: Tensor, local_reparam: bool = True) -> Tensor:
         mu, sigma = self.moments()
-        if local_reparam:
+        if local_reparam and self.family.name == "gaussian":
             return lrt_forward(self.net, mu, {k: s * s for k, s in sigma.items()}, x)
-        sample = {k: mu[k] + sigma[k] * torch.randn_like(mu[k]) for k in mu}
+        sample = {
+            k: mu[k] + sigma[k] * self.family.sample(v.shape, dtype=v.dtype) for k, v in mu.items()
+        }
         return functional_call(self.net, sample, (x,))
 
     def kl(self, prior_std: float) -> Tensor:
         mu, sigma = self.moments()
         total = torch.zeros(())
         for k in mu:
-            s2, p2 = sigma[k] ** 2, prior_std**2
-            total = (
-                total
-                + (
-                    0.5 * (s2 + mu[k] ** 2) / p2 - torch.log(sigma[k]) + math.log(prior_std) - 0.5
-                ).sum()
-            )
+            total = total + self.family.kl_to_gaussian(mu[k], sigma[k], prior_std).sum()
         return total
+
+    def sampled(self, x: Tensor, samples: int) -> Tensor:
+        """Logits [S, B, C] of `samples` weight draws from the family, vmapped."""
+        mu, sigma = self.moments()
+        draws = {
+            k: mu[k] + sigma[k] * self.family.sample((samples, *v.shape)) for k, v in mu.items()
+        }
+        return torch.vmap(lambda p: functional_call(self.net, p, (x,)))(draws)
 
 
 def predictive_nll(logits: Tensor, y: Tensor) -> Tensor:
@@ -106,13 +128,44 @@ def predictive_nll(logits: Tensor, y: Tensor) -> Tensor:
     return F.nll_loss(log_probs, y)
 
 
+class QuantReLU(nn.Module):
+    """ReLU, then its output on a b-bit unsigned grid with one scale per row (JQ)."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, h: Tensor) -> Tensor:
+        return fake_quant(F.relu(h), self.bits, dim=0)
+
+
 class SampledWeights(InferenceProgram):
-    """S weight draws inside forward, vmapped: sampling cost is part of the timing."""
+    """S weight draws inside forward, vmapped: sampling cost is part of the timing.
+
+    posterior.meta["quant"] (QuantSpec): `weights` puts each sampled weight tensor on a
+    b-bit grid with its own scale per sample (with local_reparam no weight is sampled, so
+    the two operands, mu and the variance, are quantized: uniform and logarithmic);
+    `activations` quantizes every ReLU output per row and sample (see plugins.quantizers.qbnn).
+    """
 
     kind = "samples"
 
-    def __init__(self, net: nn.Module, posterior: Posterior, samples: int, local_reparam: bool):
+    def __init__(
+        self,
+        net: nn.Module,
+        posterior: Posterior,
+        samples: int,
+        local_reparam: bool,
+        family: families.Family | None = None,
+    ):
         super().__init__()
+        self.family = family or families.get("gaussian")
+        local_reparam = local_reparam and self.family.name == "gaussian"  # exact only then
+        self.spec = QuantSpec.from_meta(posterior.meta)
+        if self.spec and self.spec.activations:
+            for i, layer in enumerate(net):
+                if isinstance(layer, nn.ReLU):
+                    net[i] = QuantReLU(self.spec.bits)
         self.skeleton = [net.eval()]
         self.samples, self.local_reparam = samples, local_reparam
         names = [n for n, _ in net.named_parameters()]
@@ -126,13 +179,19 @@ class SampledWeights(InferenceProgram):
 
     def forward(self, x: Tensor) -> Tensor:
         mu, sigma = self._get("mu"), self._get("sigma")
+        bits = self.spec.bits if self.spec and self.spec.weights else None
         if self.local_reparam:
             rows = x.unsqueeze(0).expand(self.samples, *x.shape).reshape(-1, *x.shape[1:])
             var = {k: s * s for k, s in sigma.items()}
+            if bits:
+                mu = {k: fake_quant(v, bits) for k, v in mu.items()}
+                var = {k: log_quant(v, bits) for k, v in var.items()}
             return lrt_forward(self.skeleton[0], mu, var, rows).reshape(
                 self.samples, x.shape[0], -1
             )
-        draws = {k: mu[k] + sigma[k] * torch.randn(self.samples, *mu[k].shape) for k in mu}
+        draws = {k: mu[k] + sigma[k] * self.family.sample((self.samples, *mu[k].shape)) for k in mu}
+        if bits:
+            draws = {k: fake_quant(v, bits, dim=0) for k, v in draws.items()}
         return torch.vmap(lambda p: functional_call(self.skeleton[0], p, (x,)))(draws)
 
 
@@ -150,7 +209,7 @@ class SVI:
         fit = cfg.fit
         if fit.prior_std <= 0 or fit.init_sigma <= 0:
             raise HarnessError("method.fit.prior_std and init_sigma must be positive")
-        q = MeanField(net_factory(), fit.init_sigma)
+        q = MeanField(net_factory(), fit.init_sigma, families.get(fit.family, fit.family_path))
 
         def loss(m: MeanField, x: Tensor, y: Tensor, n_train: int) -> Tensor:
             nll = F.cross_entropy(m(x, fit.local_reparam), y)
@@ -158,6 +217,8 @@ class SVI:
 
         def val_nll(m: MeanField, x: Tensor, y: Tensor) -> Tensor:
             rows = x.repeat(fit.val_samples, *[1] * (x.dim() - 1))
+            if m.family.name != "gaussian":
+                return predictive_nll(m.sampled(x, fit.val_samples), y)
             return predictive_nll(m(rows, True).reshape(fit.val_samples, len(x), -1), y)
 
         training.train(q, data, fit, loss, val_nll)
@@ -171,4 +232,5 @@ class SVI:
     ) -> InferenceProgram:
         if cfg.samples <= 0:
             raise HarnessError(f"method.samples must be positive, got {cfg.samples}")
-        return SampledWeights(net_factory(), posterior, cfg.samples, cfg.local_reparam)
+        family = families.get(cfg.family or cfg.fit.family, cfg.family_path or cfg.fit.family_path)
+        return SampledWeights(net_factory(), posterior, cfg.samples, cfg.local_reparam, family)
