@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint ui clean
+.PHONY: demo test lint ui clean results report
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,20 @@ lint: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/bnn-harness ui
+
+# results/: every preset swept on the default data, then the pages and plots rebuilt from
+# MLflow. A preset with failed jobs still gets its page (the failures are listed on it).
+PRESETS ?= demo calibration speedup quantization
+results: $(STAMP)
+	for p in $(PRESETS); do \
+	  $(BIN)/bnn-harness run +experiment=$$p --multirun || echo "preset $$p: some jobs failed"; \
+	done
+	$(MAKE) report
+
+# Only the pages, plots and UI screenshot, from the runs already in results/mlflow.db.
+report: $(STAMP)
+	for p in $(PRESETS); do $(BIN)/bnn-harness report --experiment $$p || exit 1; done
+	-$(BIN)/python -m harness.browser --experiment calibration --out results/mlflow_ui.png
 
 clean:
 	rm -rf results/cache results/hydra results/mlflow.db results/mlartifacts

@@ -42,8 +42,11 @@ def test_multirun_records_failed_job_and_goes_on(tmp_path: Path) -> None:
     assert "1 job(s) failed" in out.stderr
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["bnn-harness"])
+    parent = runs[runs["tags.role"] == "sweep"]
+    runs = runs[runs["tags.role"] == "job"]
     assert sorted(runs["status"]) == ["FAILED", "FINISHED"]
     assert runs["tags.sweep_id"].nunique() == 1
+    assert (runs["tags.mlflow.parentRunId"] == parent["run_id"].item()).all()
     assert "mc_dropout-torch FINISHED" in " ".join(out.stdout.split())  # the summary table
 
 
