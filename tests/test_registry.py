@@ -12,11 +12,21 @@ from harness import registry
 from harness.api import HarnessError
 
 BUILTINS = {
-    "method": {"deterministic", "mc_dropout", "ensemble", "svi"},
-    "backend": {"torch"},
-    "dataset": {"dirty_digits", "mnist", "fashion_mnist", "dirty_mnist"},
+    "method": {
+        "deterministic",
+        "mc_dropout",
+        "ensemble",
+        "svi",
+        "svi_qat",
+        "pfp",
+        "linearised",
+        "laplace",
+        "swag",
+    },
+    "backend": {"torch", "torch_compile", "tvm", "tvm_arm"},
+    "dataset": {"dirty_digits", "mnist", "fashion_mnist", "dirty_mnist", "regression1d"},
     "model": {"mlp", "lenet5"},
-    "quantizer": {"none"},
+    "quantizer": {"none", "vpq", "spq", "jq"},
 }
 
 
@@ -34,7 +44,7 @@ def test_unknown_name_lists_valid_ones() -> None:
         registry.default().get("method", "bogus")
     message = str(err.value)
     assert "unknown method 'bogus'" in message
-    assert "deterministic, ensemble, mc_dropout, svi" in message
+    assert "deterministic, ensemble, laplace, linearised, mc_dropout, pfp, svi" in message
 
 
 def test_unknown_kind_lists_kinds() -> None:
