@@ -56,11 +56,58 @@ def _pair_sum() -> te.CommReducer:
 PAIR_SUM = _pair_sum()
 
 
+def _horner(x, coeffs: tuple[float, ...]):
+    out = _f32(coeffs[0])
+    for c in coeffs[1:]:
+        out = out * x + _f32(c)
+    return out
+
+
+# Eigen's float32 erf (as in TVM's topi.fast_erf): x P(x^2) / Q(x^2) on [-4, 4].
+_ERF_P = (
+    -2.72614225801306e-10,
+    2.77068142495902e-08,
+    -2.10102402082508e-06,
+    -5.69250639462346e-05,
+    -7.34990630326855e-04,
+    -2.95459980854025e-03,
+    -1.60960333262415e-02,
+)
+_ERF_Q = (
+    -1.45660718464996e-05,
+    -2.13374055278905e-04,
+    -1.68282697438203e-03,
+    -7.37332916720468e-03,
+    -1.42647390514189e-02,
+)
+# Cephes' expf: exp(x) = 2^n exp(r), r = x - n ln 2 split in two constants (Cody-Waite).
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1)
+
+
+def _erf(x):
+    """erf as a rational polynomial, not LLVM's: `erff` and `llvm.exp` are scalar libm
+    calls that stop the vectoriser, and ReLU and Clark's max evaluate both per element."""
+    x = te.min(te.max(x, _f32(-4.0)), _f32(4.0))
+    x2 = x * x
+    return x * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
+
+
+def _exp(x):
+    """exp for x <= 0 as a polynomial times 2^n built from its exponent bits; 0 below -87."""
+    x = te.min(te.max(x, _f32(-87.0)), _f32(0.0))
+    n = tirx.floor(x * _f32(1.4426950408889634) + _f32(0.5))
+    r = x - n * _f32(0.693359375) - n * _f32(-2.12194440e-4)
+    poly = (_horner(r, _EXP_P) * r + _f32(0.5)) * r * r + r + _f32(1.0)
+    bits = tirx.shift_left(n.astype("int32") + 127, tirx.const(23, "int32"))
+    return poly * tirx.reinterpret("float32", bits)
+
+
 def _gauss_terms(z):
     """Phi(z), Phi(-z), phi(z) and the spread factor of the cancellation-free variance."""
-    cdf = 0.5 * (1.0 + te.erf(z * _INV_SQRT2))
-    cdf_neg = 0.5 * (1.0 - te.erf(z * _INV_SQRT2))
-    pdf = te.exp(-0.5 * z * z) * _INV_SQRT2PI
+    e = _erf(z * _INV_SQRT2)
+    cdf = 0.5 * (1.0 + e)
+    cdf_neg = 0.5 * (1.0 - e)
+    pdf = _exp(-0.5 * z * z) * _INV_SQRT2PI
     spread = z * z * cdf * cdf_neg + z * pdf * (cdf_neg - cdf) - pdf * pdf
     return cdf, cdf_neg, pdf, spread
 

@@ -4,8 +4,9 @@ The rule per block is picked by the compute's name from gaussian_ops.py:
 
 - `*_moments` (dense, conv): output tile of `lanes` outputs on the innermost axis,
   accumulated in registers (cache_write to local) with the reduction loops outside the
-  vector lanes; the bias epilogue runs on the same tile; the batch/channel loop is
-  parallel.
+  vector lanes; dense also blocks ROW_BLOCK batch rows inside the reduction, so each
+  weight vector loaded serves several rows; the bias epilogue runs on the same tile; the
+  batch/channel loop is parallel.
 - pads and pool window copies: inlined into their consumer.
 - everything else (ReLU, Clark folds, batch-norm, flatten): flattened, vectorised by
   `lanes`, parallel over the outer part.
@@ -20,6 +21,7 @@ import tvm
 from tvm import s_tir, tirx
 
 INLINE = ("pool_m0", "pool_v0", "zero_var")
+ROW_BLOCK = 4  # batch rows per register tile: 4 rows x 2 accumulators x lanes fit the registers
 BIAS = ("bias_m", "bias_v")
 
 
@@ -63,14 +65,22 @@ def _reduction(sch: s_tir.Schedule, block, lanes: int, epilogues: list) -> None:
     last = spatial[-1]
     vec = _divisor(_extent(sch, last), lanes)
     tile, lane = sch.split(last, [None, vec])
-    outer = sch.fuse(*spatial[:-1], tile) if len(spatial) > 1 else tile
-    sch.reorder(outer, *reduce, lane)
+    lead, rows = spatial[:-1], []
+    if len(lead) == 1:  # dense: a block of batch rows shares every weight load
+        block_rows = _divisor(_extent(sch, lead[0]), ROW_BLOCK)
+        if block_rows > 1:
+            lead_out, row = sch.split(lead[0], [None, block_rows])
+            lead, rows = [lead_out], [row]
+    sch.reorder(*lead, tile, *reduce, *rows, lane)
+    outer = sch.fuse(*lead, tile) if lead else tile
     for stage in acc:
         sch.reverse_compute_at(stage, outer)
     # parallel/vectorize before decompose_reduction: afterwards the update block is no
     # longer a reduction block and both primitives refuse the loop
     sch.parallel(outer)
     sch.vectorize(lane)
+    for row in rows:
+        sch.unroll(row)
     init = sch.decompose_reduction(block, reduce[0])
     for stage in [init, *acc]:
         sch.vectorize(sch.get_loops(stage)[-1])
