@@ -84,12 +84,10 @@ def prepare(cfg: DictConfig, registry: Registry) -> Job:
 def training_key(job: Job, method_cfg: DictConfig, name: str) -> dict[str, Any]:
     """Everything that changes a trained posterior, and nothing that does not."""
     cfg = job.cfg
-    fit = method_cfg.get("fit") or {}
-    if isinstance(fit, DictConfig):  # resolve in place: interpolations may point at the root
-        fit = OmegaConf.to_container(fit, resolve=True)
+    fit = method_cfg.get("fit")  # resolved in place: interpolations may point at the root
     key = {
         "method": name,
-        "fit": OmegaConf.to_container(OmegaConf.create(fit), resolve=True),
+        "fit": {} if fit is None else OmegaConf.to_container(fit, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
         "seed": cfg.seed,
