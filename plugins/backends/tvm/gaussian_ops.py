@@ -63,29 +63,37 @@ def _horner(x, coeffs: tuple[float, ...]):
     return out
 
 
-# Numerical Recipes' erfcc: erfc(x) = t exp(-x^2 + P(t)), t = 1 / (1 + x / 2).
-_ERFC_T = (
-    0.17087277,
-    -0.82215223,
-    1.48851587,
-    -1.13520398,
-    0.27886807,
-    -0.18628806,
-    0.09678418,
-    0.37409196,
-    1.00002368,
-    -1.26551223,
+# Eigen's float32 erf (as in TVM's topi.fast_erf): x P(x^2) / Q(x^2) on [-4, 4].
+_ERF_P = (
+    -2.72614225801306e-10,
+    2.77068142495902e-08,
+    -2.10102402082508e-06,
+    -5.69250639462346e-05,
+    -7.34990630326855e-04,
+    -2.95459980854025e-03,
+    -1.60960333262415e-02,
+)
+_ERF_Q = (
+    -1.45660718464996e-05,
+    -2.13374055278905e-04,
+    -1.68282697438203e-03,
+    -7.37332916720468e-03,
+    -1.42647390514189e-02,
 )
 # Cephes' expf: exp(x) = 2^n exp(r), r = x - n ln 2 split in two constants (Cody-Waite).
 _EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1)
 
 
-def _exp(x):
-    """exp for x <= 0 as a polynomial times 2^n built from its exponent bits; 0 below -87.
+def _erf(x):
+    """erf as a rational polynomial, not LLVM's: `erff` and `llvm.exp` are scalar libm
+    calls that stop the vectoriser, and ReLU and Clark's max evaluate both per element."""
+    x = te.min(te.max(x, _f32(-4.0)), _f32(4.0))
+    x2 = x * x
+    return x * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
 
-    LLVM lowers exp and erf to scalar libm calls per lane, which stop the vectoriser;
-    ReLU and Clark's max evaluate both per element.
-    """
+
+def _exp(x):
+    """exp for x <= 0 as a polynomial times 2^n built from its exponent bits; 0 below -87."""
     x = te.min(te.max(x, _f32(-87.0)), _f32(0.0))
     n = tirx.floor(x * _f32(1.4426950408889634) + _f32(0.5))
     r = x - n * _f32(0.693359375) - n * _f32(-2.12194440e-4)
@@ -94,22 +102,11 @@ def _exp(x):
     return poly * tirx.reinterpret("float32", bits)
 
 
-def _tail_cdf(z):
-    """Phi(-|z|) = erfc(|z| / sqrt 2) / 2, accurate relative to its size deep in the tail.
-
-    Numerical Recipes' erfcc (fractional error below 1.2e-7 everywhere) on our exp, so it
-    vectorises; 0.5 (1 + erf) would lose the tail to cancellation, as torch's ndtr avoids.
-    """
-    x = te.abs(z) * _INV_SQRT2
-    t = 1.0 / (1.0 + 0.5 * x)
-    return 0.5 * t * _exp(_horner(t, _ERFC_T) - x * x)
-
-
 def _gauss_terms(z):
     """Phi(z), Phi(-z), phi(z) and the spread factor of the cancellation-free variance."""
-    tail = _tail_cdf(z)
-    cdf = tirx.if_then_else(z < 0, tail, 1.0 - tail)
-    cdf_neg = tirx.if_then_else(z < 0, 1.0 - tail, tail)
+    e = _erf(z * _INV_SQRT2)
+    cdf = 0.5 * (1.0 + e)
+    cdf_neg = 0.5 * (1.0 - e)
     pdf = _exp(-0.5 * z * z) * _INV_SQRT2PI
     spread = z * z * cdf * cdf_neg + z * pdf * (cdf_neg - cdf) - pdf * pdf
     return cdf, cdf_neg, pdf, spread
