@@ -115,6 +115,10 @@ def base_of(method: Any, method_cfg: DictConfig) -> tuple[str, DictConfig] | Non
         return None if node is None else (node.name, node)
     if method_cfg.get("base") is not None:
         return method_cfg.base.name, method_cfg.base
+    return fixed_base(method, method_cfg)
+
+
+def fixed_base(method: Any, method_cfg: DictConfig) -> tuple[str, DictConfig] | None:
     return (method.base, method_cfg) if method.base else None
 
 
@@ -124,10 +128,8 @@ def fit_or_load(
     """A method's posterior, fitting its base first; `name` set: a base on a borrowed config."""
     name = name or method_cfg.name
     method = job.registry.get("method", name)
-    if name == method_cfg.name:
-        found = base_of(method, method_cfg)
-    else:
-        found = (method.base, method_cfg) if method.base else None
+    borrowed = name != method_cfg.name
+    found = fixed_base(method, method_cfg) if borrowed else base_of(method, method_cfg)
     base = fit_or_load(job, found[1], found[0])[0] if found else None
     key = training_key(job, method_cfg, name)
     if found:
