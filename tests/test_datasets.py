@@ -280,6 +280,7 @@ def test_dirty_mnist(tmp_path: Path) -> None:
     amb = _write_ambiguous(tmp_path / "amb")
     cfg = OmegaConf.structured(
         DirtyMNISTConfig(
+            source="files",
             root=str(tmp_path / "mnist"),
             ambiguous_root=str(tmp_path / "amb"),
             ood_root=str(tmp_path / "fashion"),
@@ -305,7 +306,7 @@ def test_dirty_mnist(tmp_path: Path) -> None:
 
 def test_dirty_mnist_errors(tmp_path: Path) -> None:
     _write_idx_set(tmp_path / "mnist")
-    cfg = SimpleNamespace(root=str(tmp_path / "mnist"), ambiguous_root=None)
+    cfg = SimpleNamespace(source="files", root=str(tmp_path / "mnist"), ambiguous_root=None)
     with pytest.raises(HarnessError, match="ambiguous_root"):
         DirtyMNIST().load(cfg, seed=0)
     cfg.ambiguous_root = str(tmp_path / "amb")
@@ -331,4 +332,7 @@ def test_hooks_register_datasets_and_schemas() -> None:
     node = OmegaConf.structured(DirtyMNISTConfig)
     node.ood_root = "/somewhere"
     node.limit = 3
-    assert OmegaConf.is_missing(node, "root")
+    assert node.source == "packaged" and node.root is None
+    assert OmegaConf.is_missing(OmegaConf.structured(MNISTConfig), "root")
+    with pytest.raises(Exception, match="sourc"):
+        node.sourc = "files"

@@ -1,4 +1,4 @@
-"""Dataset plugins: embedded Dirty-Digits plus MNIST, Fashion-MNIST and Dirty-MNIST loaders."""
+"""Dataset plugins: embedded Dirty-Digits, packaged Dirty-MNIST (`make data`), IDX loaders."""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,3 +87,19 @@ def to_split(x: np.ndarray, y: np.ndarray, what: str) -> Split:
     yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
     require_finite(xt, f"{what} split")
     return xt, yt
+
+
+# Where `make data` (python -m plugins.datasets.fetch) puts the packaged data sets, and where
+# the packaged Dirty-MNIST looks for them: $BNN_HARNESS_DATA, else data/ under the cwd, so an
+# installed wheel run from anywhere finds a checkout's data through the variable.
+DATA_ENV = "BNN_HARNESS_DATA"
+MNIST_PACKAGED_DIR = "mnist-packaged"
+FASHION_DIR = "fashion-mnist"
+DIGITS_IMAGES = "digits-images-idx3-ubyte"
+DIGITS_LABELS = "digits-labels-idx1-ubyte"
+STAMP = "packaged.sha256"
+
+
+def data_root(root: str | None = None) -> Path:
+    """`root` if given, else $BNN_HARNESS_DATA, else ./data."""
+    return Path(root or os.environ.get(DATA_ENV) or "data").expanduser()

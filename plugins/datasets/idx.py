@@ -16,6 +16,9 @@ Expected files (each may also be gzipped, with a ``.gz`` suffix):
   package ships it as ``amnist_samples.pt`` / ``amnist_labels.pt``, which convert to this
   NPZ with ``torch.load`` + ``numpy.savez``.
 
+``dirty_mnist`` reads these files with ``source=files``; by default (``source=packaged``) it
+builds Dirty-MNIST from `make data`'s packaged digits instead (plugins/datasets/packaged.py).
+
 Splits: val is the last ``min(val_size, len(train) // 10)`` images of the official train set;
 test is the official t10k set; ``limit`` caps the training set to a seeded random subset.
 Images become [N, 1, 28, 28] float32, scaled to [0, 1] and normalised with the in-distribution
@@ -80,8 +83,31 @@ class FashionMNISTConfig(IdxConfig):
 
 @dataclass
 class DirtyMNISTConfig(IdxConfig):
+    """``source=packaged`` (default): `make data`'s files, see plugins/datasets/packaged.py;
+    ``source=files``: the user's own MNIST / AmbiguousMNIST / Fashion-MNIST, as above.
+
+    ``root``: packaged: the data directory (default $BNN_HARNESS_DATA or ./data); files: the
+    MNIST directory (required). ``val_size``: default 1000 (packaged) or 5000 (files).
+    ``limit`` caps the training digits (packaged: before the ambiguous ones are added);
+    ``eval_limit`` (packaged) caps val, test, ambiguous and each OOD set. The other sizes and
+    ``data_seed`` apply to the packaged source only.
+    """
+
     name: str = "dirty_mnist"
+    source: str = "packaged"
+    root: str | None = None
+    val_size: int | None = None
     noise_std: float = 0.05
+    train_size: int = 7000
+    test_size: int = 2000
+    ambiguous_fraction: float = 1.0
+    ambiguous_test: int = 2000
+    ood_size: int = 2000
+    data_seed: int = 0
+    eval_limit: int | None = None
+
+
+SOURCES = ("packaged", "files")
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -299,7 +325,26 @@ class DirtyMNIST(MNIST):
 
     name = "dirty_mnist"
 
+    @staticmethod
+    def _source(cfg: Any) -> str:
+        source = cfg_get(cfg, "source", "packaged")
+        if source not in SOURCES:
+            raise HarnessError(
+                f"dataset.source must be one of {', '.join(SOURCES)}, got {source!r}"
+            )
+        return source
+
+    def check(self, cfg: Any) -> None:
+        if self._source(cfg) == "packaged":
+            from . import packaged
+
+            packaged.check(cfg)
+
     def load(self, cfg: Any, seed: int) -> DataBundle:
+        if self._source(cfg) == "packaged":
+            from . import packaged
+
+            return packaged.load(cfg, seed)
         amb_root = cfg_get(cfg, "ambiguous_root")
         if amb_root is None:
             raise HarnessError(
