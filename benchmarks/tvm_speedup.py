@@ -36,12 +36,12 @@ import matplotlib.pyplot as plt
 import mlflow
 
 from harness.api import DataSpec, Posterior
+from harness.moments import build_ops, diagonal_moments
 from harness.timing import TimingConfig, interleaved
 from plugins.backends.torch_compile import TorchCompileBackend, TorchCompileConfig
 from plugins.backends.tvm import TVMConfig
 from plugins.backends.tvm.backend import TVMBackend
 from plugins.methods.deterministic import SinglePass
-from plugins.methods.pfp.builder import build_ops, diagonal_moments
 from plugins.methods.pfp.program import PFPProgram
 from plugins.methods.svi import SampledWeights
 from plugins.models import MLP, LeNet5, LeNet5Config, MLPConfig
@@ -84,7 +84,9 @@ def executables(model: str, args: argparse.Namespace, example: torch.Tensor) -> 
     modes = ["none", "default"] + (["metaschedule"] if args.trials > 0 else [])
     exes: dict[str, Any] = {}
     for mode in modes:
-        cfg = TVMConfig(tune=mode, trials=args.trials, tuning_dir=args.tuning_dir)
+        cfg = TVMConfig(
+            tune=mode, trials=args.trials, tuning_dir=args.tuning_dir, threads=args.threads
+        )
         exes[f"pfp_tvm_{mode}"] = tvm.compile(pfp, example, cfg)
         exes[f"det_tvm_{mode}"] = tvm.compile(det, example, cfg)
     exes["pfp_torch"] = eager(pfp)
@@ -134,12 +136,28 @@ def ratios(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def cpu() -> str:
+    """The CPU model and its vector flags: the same schedule differs by machine."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    vec = sorted(f for f in flags if f.startswith(("avx", "fma", "sse4")) or f == "neon")
+    return f"{model} ({', '.join(vec) or 'no vector flags read'})"
+
+
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     names = list(rows[0]["lat"])
     lines = [
         "# PFP on TVM: speedups (interleaved timing in one process)",
         "",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"CPU: {cpu()}. {torch.get_num_threads()} threads for torch and for TVM, "
         f"`{platform.processor() or platform.platform()}`; host CPU, not ARM; "
         f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. "
         f"Command: `.venv/bin/python benchmarks/tvm_speedup.py "
@@ -202,11 +220,16 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=0, help="MetaSchedule budget; 0: skip")
     parser.add_argument("--tuning-dir", default="results/tvm_tuning")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch and TVM threads; 0: all available cores"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-block-s", type=float, default=0.05)
     parser.add_argument("--out", default="results")
     parser.add_argument("--tracking-uri", default="sqlite:///results/mlflow.db")
     args = parser.parse_args()
+    args.threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(args.threads)  # eager torch on as many threads as TVM: a fair race
     rows = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

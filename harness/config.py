@@ -21,6 +21,7 @@ class TrackingConfig:
     uri: str = "sqlite:///results/mlflow.db"
     experiment: str = "bnn-harness"
     artifacts: str = "results/mlartifacts"
+    lock_wait_s: float = 120.0  # how long a write waits for SQLite's lock before giving up
 
 
 @dataclass
@@ -45,6 +46,8 @@ class RunConfig:
     timing: TimingConfig = field(default_factory=TimingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cache_dir: str = "results/cache"
+    # Skip a job whose config already has a FINISHED run; unset: on in sweeps, off for one run.
+    resume: Optional[bool] = None  # noqa: UP045 - OmegaConf needs Optional
 
 
 def register(registry: Registry) -> None:

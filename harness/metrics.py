@@ -15,10 +15,11 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch import Tensor
 
-from harness.api import Predictive
+from harness.api import HarnessError, Predictive
 
 KINDS = ("samples", "moments")
 ECE_BINS = 15
+BOOTSTRAP_RESAMPLES = 1000
 _HAS_TORCHMETRICS = importlib.util.find_spec("torchmetrics") is not None
 
 
@@ -37,6 +38,10 @@ def predictive_from_samples(logits: Tensor) -> Predictive:
 
     Per-sample entropies use log_softmax so saturated logits give finite values, not log(0).
     """
+    # A NaN logit (e.g. a compiled graph whose Cholesky failed) would become NaN metrics,
+    # which read as a result; it is an error. -inf is a legitimate (saturated) logit.
+    if torch.isnan(logits).any():
+        raise HarnessError("the program's sampled logits contain NaN")
     log_p = torch.log_softmax(logits, dim=-1)
     p = log_p.exp()
     probs = p.mean(0)
@@ -67,7 +72,8 @@ def predictive_from_moments(
     )
     log_p = torch.log_softmax(mean + var.sqrt() * eps, dim=-1)
     aleatoric = -_plogp_sum(log_p.exp(), log_p).mean(0)
-    return Predictive(probs, total, aleatoric, (total - aleatoric).clamp(min=0))
+    epistemic = (total - aleatoric).clamp(min=0)
+    return Predictive(probs, total, aleatoric, epistemic, variance=var.mean(-1))
 
 
 def to_predictive(raw: Tensor | tuple[Tensor, Tensor], kind: str, samples: int = 100) -> Predictive:
@@ -168,18 +174,79 @@ def uncertainty_means(pred: Predictive, split: str) -> dict[str, float]:
 
 
 def concat(*preds: Predictive) -> Predictive:
-    return Predictive(
-        *(torch.cat([getattr(p, f) for p in preds]) for f in Predictive.__dataclass_fields__)
-    )
+    """Predictives joined along the batch; an optional field survives only if all carry it."""
+    joined = {}
+    for f in Predictive.__dataclass_fields__:
+        parts = [getattr(p, f) for p in preds]
+        joined[f] = None if any(v is None for v in parts) else torch.cat(parts)
+    return Predictive(**joined)
+
+
+def _counts(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
+    """How often each of `size` items is drawn in each of `n` resamples with replacement."""
+    draws = rng.integers(0, size, (n, size)) + size * np.arange(n)[:, None]
+    return np.bincount(draws.ravel(), minlength=n * size).reshape(n, size)
+
+
+def bootstrap_auroc(
+    in_score: Tensor | np.ndarray,
+    out_score: Tensor | np.ndarray,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = 0.95,
+    seed: int = 0,
+    block: int = 100,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUROC, resampling each class on its own.
+
+    Resampling in- and out-of-distribution scores separately keeps both counts fixed, as
+    they are by the protocol. A resample is a vector of draw counts, so its AUROC (the
+    Mann-Whitney statistic, ties counting one half) is a weighted sum over one sort of the
+    original scores: `block` resamples at a time, no sort and no Python loop per resample.
+    """
+    a = np.sort(np.asarray(in_score, dtype=np.float64).reshape(-1))
+    b = np.asarray(out_score, dtype=np.float64).reshape(-1)
+    if a.size == 0 or b.size == 0:
+        raise ValueError("bootstrap_auroc needs scores of both classes")
+    below = np.searchsorted(a, b, side="left")  # in-scores strictly below each out-score
+    upto = np.searchsorted(a, b, side="right")
+    rng = np.random.default_rng(seed)
+    values = []
+    for start in range(0, resamples, block):
+        n = min(block, resamples - start)
+        cum = np.zeros((n, a.size + 1))
+        np.cumsum(_counts(rng, a.size, n), axis=1, out=cum[:, 1:])
+        wins = cum[:, below] + 0.5 * (cum[:, upto] - cum[:, below])
+        values.append((wins * _counts(rng, b.size, n)).sum(1) / (a.size * b.size))
+    auroc = np.concatenate(values)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(auroc, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def _ood_block(in_dist: Predictive, ood: Predictive) -> dict[str, tuple[Tensor, Tensor]]:
+    """OOD scores by name: entropy, mutual information and, for moment programs, the mean
+    logit variance the seed code ranks by."""
+    scores = {
+        "entropy": (in_dist.total, ood.total),
+        "mi": (in_dist.epistemic, ood.epistemic),
+    }
+    if in_dist.variance is not None and ood.variance is not None:
+        scores["var"] = (in_dist.variance, ood.variance)
+    return scores
 
 
 def score_all(
-    preds: dict[str, Predictive], labels: dict[str, Tensor], ood_names: list[str]
+    preds: dict[str, Predictive],
+    labels: dict[str, Tensor],
+    ood_names: list[str],
+    bootstrap_seed: int = 0,
 ) -> dict[str, float]:
     """Every scalar for one run, under flat keys so runs tabulate side by side.
 
     The ambiguous split counts as in-distribution for OOD detection: ambiguity is aleatoric,
-    and a good method should not flag it as OOD. The first OOD set gives the headline keys.
+    and a good method should not flag it as OOD. The first OOD set gives the headline keys,
+    each AUROC with a 95 % bootstrap interval (`_lo`, `_hi`): one run's AUROC alone says
+    nothing about how far another test set or seed could move it.
     """
     if "test" not in preds:
         raise ValueError("score_all needs a 'test' split")
@@ -195,12 +262,13 @@ def score_all(
         key = f"ood_{name}"
         if key not in preds:
             raise ValueError(f"OOD set {name!r} has no predictions under {key!r}")
-        ood = preds[key]
-        scores = {
-            **ood_scores(in_dist.total, ood.total, "entropy"),
-            **ood_scores(in_dist.epistemic, ood.epistemic, "mi"),
-        }
+        scores: dict[str, float] = {}
+        for score, (inside, outside) in _ood_block(in_dist, preds[key]).items():
+            scores |= ood_scores(inside, outside, score)
         if i == 0:
             out.update(scores)
+            for score, (inside, outside) in _ood_block(in_dist, preds[key]).items():
+                lo, hi = bootstrap_auroc(_np(inside), _np(outside), seed=bootstrap_seed)
+                out |= {f"ood/auroc_{score}_lo": lo, f"ood/auroc_{score}_hi": hi}
         out.update({k.replace("ood/", f"ood/{name}/", 1): v for k, v in scores.items()})
     return out

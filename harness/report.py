@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness import plots
+from harness import claims, plots, stats
 from harness.api import HarnessError
 from harness.config import TrackingConfig
-from harness.summary import PARENT_TAG, ROLE_TAG, only_jobs
+from harness.summary import PARENT_TAG, ROLE_TAG, only_jobs, select_sweep
 from harness.tracking import store_uri, with_retry
 
 MAX_PANELS = 16
@@ -36,6 +36,7 @@ QUALITY = {
     "amb/acc": "amb_acc",
     "ood/auroc_entropy": "auroc_H",
     "ood/auroc_mi": "auroc_MI",
+    "ood/auroc_var": "auroc_var",
     "ood/fpr95_entropy": "fpr95_H",
 }
 BITS_METRICS = {
@@ -80,20 +81,29 @@ def presets(tracking: TrackingConfig) -> list[str]:
     return sorted(p for p in runs["tags.preset"].dropna().unique() if p != "none")
 
 
-def preset_runs(tracking: TrackingConfig, preset: str, sweep: str | None = None) -> pd.DataFrame:
-    """The jobs of one sweep of `preset` (default: its newest sweep), oldest first."""
+def preset_runs(
+    tracking: TrackingConfig,
+    preset: str,
+    sweep: str | None = None,
+    include_unfinished: bool = False,
+) -> pd.DataFrame:
+    """The jobs of one sweep of `preset` (default: its newest finished sweep), oldest first."""
     if not re.fullmatch(r"[\w.-]+", preset):
         raise HarnessError(f"preset names are letters, digits, '_', '-' or '.', got {preset!r}")
     mlflow.set_tracking_uri(store_uri(tracking))
-    runs = only_jobs(_search(f"tags.preset = '{preset}'"))
-    if runs.empty:
+    found = _search(f"tags.preset = '{preset}'")
+    if only_jobs(found).empty:
         known = ", ".join(presets(tracking)) or "none recorded"
         raise HarnessError(f"no runs of preset '{preset}' in {tracking.uri}; presets: {known}")
-    sweep = sweep or runs["tags.sweep_id"].iloc[0]
-    chosen = runs[runs["tags.sweep_id"] == sweep]
+    chosen = select_sweep(found, sweep, include_unfinished)
+    if chosen.empty and sweep is None:
+        raise HarnessError(
+            f"preset '{preset}' has no finished sweep (a killed or running one is left out); "
+            "rerun it to resume, or pass --include-unfinished"
+        )
     if chosen.empty:
         raise HarnessError(f"preset '{preset}' has no sweep '{sweep}'")
-    return chosen.iloc[::-1].reset_index(drop=True)
+    return chosen.reset_index(drop=True)
 
 
 def _metric(run: pd.Series, key: str) -> float:
@@ -143,6 +153,9 @@ def quality_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
             "bits": _tag(run, "bits", "32"),
         }
         row |= {short: _metric(run, key) for key, short in QUALITY.items()}
+        lo, hi = _metric(run, "ood/auroc_entropy_lo"), _metric(run, "ood/auroc_entropy_hi")
+        if math.isfinite(lo) and math.isfinite(hi):
+            row["auroc_H 95% CI"] = f"[{lo:.3f}, {hi:.3f}]"
         row["param_KiB"] = _metric(run, "mem/param_bytes") / 1024
         rows.append(row)
     return distinct(rows)
@@ -241,13 +254,25 @@ def bits_rows(series: dict[str, dict[str, dict[int, float]]]) -> list[dict[str, 
     return rows
 
 
+def _several_models(runs: pd.DataFrame) -> bool:
+    return "tags.model" in runs and runs["tags.model"].nunique() > 1
+
+
+def panel_name(run: pd.Series, several_models: bool) -> str:
+    """A run's name in a per-run panel: with the model when the report spans several."""
+    name = label(run, backend=False)
+    return f"{name} ({_tag(run, 'model')})" if several_models else name
+
+
 def representatives(runs: pd.DataFrame) -> pd.DataFrame:
-    """One finished run per method/quantizer/bits/dataset: backends compute the same
+    """One finished run per method/quantizer/bits/dataset/model: backends compute the same
     predictive, so per-backend copies of a diagram would only repeat it."""
     done = finished(runs)
     if done.empty:
         return done
-    keys = done.apply(lambda r: (label(r, backend=False), _tag(r, "dataset")), axis=1)
+    keys = done.apply(
+        lambda r: (label(r, backend=False), _tag(r, "dataset"), _tag(r, "model")), axis=1
+    )
     return done[~keys.duplicated()].head(MAX_PANELS)
 
 
@@ -272,10 +297,11 @@ def reliability_diagrams(runs: pd.DataFrame) -> dict[str, dict[str, Any]]:
     import json
 
     found = {}
+    several = _several_models(runs)
     for _, run in representatives(runs).iterrows():
         diagram = _artifact(run["run_id"], "reliability.json", lambda p: json.loads(p.read_text()))
         if diagram is not None:
-            found[label(run, backend=False)] = diagram
+            found[panel_name(run, several)] = diagram
     return found
 
 
@@ -293,8 +319,139 @@ def entropies(runs: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
             if part == "total" and finite.size:
                 splits["clean" if split == "test" else split] = finite
         if splits:
-            found[label(run, backend=False)] = splits
+            found[panel_name(run, _several_models(runs))] = splits
     return found
+
+
+def uncertainty_parts(runs: pd.DataFrame) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per-sample (aleatoric, epistemic) entropy per split, from each run's uncertainty.npz."""
+    found = {}
+    several = _several_models(runs)
+    for _, run in representatives(runs).iterrows():
+        arrays = _artifact(run["run_id"], "uncertainty.npz", _load_npz)
+        if not arrays:
+            continue
+        splits = {}
+        for key in arrays:
+            split, _, part = key.rpartition(".")
+            epi_key = f"{split}.epistemic"
+            if part != "aleatoric" or epi_key not in arrays:
+                continue
+            ale, epi = arrays[key], arrays[epi_key]
+            keep = np.isfinite(ale) & np.isfinite(epi)
+            if keep.any():
+                splits["clean" if split == "test" else split] = (ale[keep], epi[keep])
+        if splits:
+            found[panel_name(run, several)] = splits
+    return found
+
+
+def seed_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """Quality per config over its seeds, mean ± std (the std is over seeds, ddof 1)."""
+    several = _several_models(runs)
+    rows = []
+    for group in stats.seed_groups(runs):
+        first = group.iloc[0]
+        row: dict[str, Any] = {"config": label(first)}
+        if several:
+            row["model"] = _tag(first, "model")
+        row["seeds"] = len(group)
+        for key, short in QUALITY.items():
+            row[short] = stats.fmt(*stats.mean_std(stats.column(group, key)))
+        rows.append(row)
+    return rows
+
+
+def several_seeds(runs: pd.DataFrame) -> bool:
+    return any(len(group) > 1 for group in stats.seed_groups(runs))
+
+
+COST_BATCH = 10  # the seeds' default batch size; the smallest timed one when it is absent
+# metric -> (axis name, higher is better)
+COST_METRICS = {"ood/auroc_entropy": ("OOD AUROC (entropy)", True), "cal/nll": ("NLL", False)}
+
+
+def cost_batch(runs: pd.DataFrame) -> int | None:
+    sizes = _batch_sizes(runs, "lat")
+    if not sizes:
+        return None
+    return COST_BATCH if COST_BATCH in sizes else sizes[0]
+
+
+def cost_points(runs: pd.DataFrame, batch: int, model: str | None) -> list[dict[str, Any]]:
+    """Mean quality and latency per method x backend (over seeds where there are several)."""
+    done = finished(runs)
+    if model is not None:
+        done = done[done["tags.model"] == model]
+    points: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for _, run in done.iterrows():
+        entry = points.setdefault((label(run, backend=False), _tag(run, "backend")), {})
+        for key in ("lat/b{b}_ms", *COST_METRICS):
+            entry.setdefault(key, []).append(_metric(run, key.format(b=batch)))
+    out = []
+    for (method, backend), values in points.items():
+        latency = stats.mean_std(values["lat/b{b}_ms"])[0]
+        if not math.isfinite(latency):
+            continue
+        point = {"method": method, "backend": backend, "latency_ms": latency}
+        for key, (name, _) in COST_METRICS.items():
+            point[name] = stats.mean_std(values[key])[0]
+        out.append(point)
+    return out
+
+
+def speedup_panels(runs: pd.DataFrame, model: str | None) -> dict[str, dict[str, dict[int, float]]]:
+    """backend -> method -> batch size -> mean speedup, for the small-multiples plot."""
+    done = finished(runs)
+    if model is not None:
+        done = done[done["tags.model"] == model]
+    sums: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for _, run in done.iterrows():
+        for b in _batch_sizes(runs, "speedup"):
+            value = _metric(run, f"speedup/b{b}")
+            if math.isfinite(value) and value > 0:
+                per = sums.setdefault(_tag(run, "backend"), {})
+                per.setdefault(label(run, backend=False), {}).setdefault(b, []).append(value)
+    return {
+        backend: {m: {b: float(np.mean(v)) for b, v in pts.items()} for m, pts in per.items()}
+        for backend, per in sums.items()
+    }
+
+
+def _model_figures(runs: pd.DataFrame) -> dict[str, Figure]:
+    """Speedup small multiples and quality-against-cost, per model when there are several."""
+    figures: dict[str, Figure] = {}
+    colours = plots.palette({label(r, backend=False) for _, r in finished(runs).iterrows()})
+    models = sorted(runs["tags.model"].dropna().unique()) if _several_models(runs) else [None]
+    batch = cost_batch(runs)
+    for model in models:
+        suffix = "" if model is None else f"_{model}"
+        panels = speedup_panels(runs, model)
+        if any(len(pts) > 1 for per in panels.values() for pts in per.values()):
+            figures[f"speedup_grid{suffix}.png"] = plots.speedup_grid(panels, colours)
+        points = cost_points(runs, batch, model) if batch is not None else []
+        if len(points) > 1:
+            better = dict(COST_METRICS.values())
+            figures[f"cost{suffix}.png"] = plots.quality_vs_cost(points, better, colours, batch)
+    return figures
+
+
+def concurrency_warning(runs: pd.DataFrame) -> list[str]:
+    """A warning when jobs shared a machine (tags `launcher`, `concurrent_jobs`): their
+    latencies are not clean timings, whatever the ratio beside them says."""
+    if "tags.concurrent_jobs" not in runs:
+        return []
+    shared = pd.to_numeric(runs["tags.concurrent_jobs"], errors="coerce").fillna(1)
+    if not (shared > 1).any():
+        return []
+    launchers = ", ".join(sorted({_tag(r, "launcher") for _, r in runs[shared > 1].iterrows()}))
+    return [
+        f"**Warning: {int((shared > 1).sum())} of {len(runs)} jobs ran with up to "
+        f"{int(shared.max())} jobs at once on a machine ({launchers}); these latencies are "
+        "not clean timings. Rerun with one job per machine (e.g. hydra.launcher.n_jobs=1) "
+        "before quoting them.**",
+        "",
+    ]
 
 
 def _header(preset: str, runs: pd.DataFrame) -> list[str]:
@@ -316,15 +473,30 @@ def build(preset: str, runs: pd.DataFrame) -> tuple[str, dict[str, Figure]]:
     """The page's markdown and its figures (file name -> figure), from the runs alone."""
     lines = _header(preset, runs)
     figures: dict[str, Figure] = {}
-    lines += [
-        "## Accuracy, calibration and OOD detection",
-        "",
-        "Test split; OOD AUROC on the first OOD set with the ambiguous split counted as "
-        "in-distribution; `param_KiB`: stored posterior parameters.",
-        "",
-        markdown_table(quality_rows(runs)),
-        "",
-    ]
+    if several_seeds(runs):
+        lines += [
+            "## Accuracy, calibration and OOD detection, over seeds",
+            "",
+            "Runs grouped by config with the seed left out (batch sizes and timing settings "
+            "too: they change no prediction); mean ± sample standard deviation over seeds. "
+            "Test split; OOD AUROC on the first OOD set, the ambiguous split counted as "
+            "in-distribution.",
+            "",
+            markdown_table(seed_rows(runs)),
+            "",
+        ]
+    else:
+        lines += [
+            "## Accuracy, calibration and OOD detection",
+            "",
+            "Test split; OOD AUROC on the first OOD set with the ambiguous split counted as "
+            "in-distribution (95 % bootstrap interval of a single run's entropy AUROC, 1000 "
+            "resamples); `param_KiB`: stored posterior parameters.",
+            "",
+            markdown_table(quality_rows(runs)),
+            "",
+        ]
+    lines += claims.section(preset, runs)
     failed = runs[runs["status"] != "FINISHED"]
     if not failed.empty:
         lines += ["Failed jobs:", ""]
@@ -352,11 +524,11 @@ def build(preset: str, runs: pd.DataFrame) -> tuple[str, dict[str, Figure]]:
             "Median latency per call; speedup = reference latency / latency, timed "
             "interleaved in the same process.",
             "",
+            *concurrency_warning(runs),
             markdown_table(latency_rows(runs)),
             "",
         ]
-        if any(len(points) > 1 for points in curves.values()):
-            figures["speedup.png"] = plots.speedup_vs_batch(curves)
+    figures |= _model_figures(runs)
     series = bits_series(runs)
     if series:
         lines += ["## By bit width", "", markdown_table(bits_rows(series)), ""]
@@ -367,6 +539,9 @@ def build(preset: str, runs: pd.DataFrame) -> tuple[str, dict[str, Figure]]:
     hists = entropies(runs)
     if hists:
         figures["entropy.png"] = plots.entropy_histograms(hists)
+    parts = uncertainty_parts(runs)
+    if parts:
+        figures["aleatoric_epistemic.png"] = plots.uncertainty_scatter(parts)
     if figures:
         lines += ["## Plots", ""]
         lines += [f"![{name}]({preset}/{name})" for name in figures]
@@ -392,9 +567,13 @@ def log_summary_run(preset: str, runs: pd.DataFrame, paths: list[Path]) -> str:
 
 
 def write_report(
-    tracking: TrackingConfig, out: Path, preset: str, sweep: str | None = None
+    tracking: TrackingConfig,
+    out: Path,
+    preset: str,
+    sweep: str | None = None,
+    include_unfinished: bool = False,
 ) -> list[Path]:
-    runs = preset_runs(tracking, preset, sweep)
+    runs = preset_runs(tracking, preset, sweep, include_unfinished)
     text, figures = build(preset, runs)
     folder = out / preset
     folder.mkdir(parents=True, exist_ok=True)
@@ -409,7 +588,11 @@ def write_report(
 
 
 def write_reports(
-    tracking: TrackingConfig, out: Path, preset: str | None = None, sweep: str | None = None
+    tracking: TrackingConfig,
+    out: Path,
+    preset: str | None = None,
+    sweep: str | None = None,
+    include_unfinished: bool = False,
 ) -> list[Path]:
     """One page per preset (or the one asked for), each from its newest sweep."""
     if sweep is not None and preset is None:
@@ -420,4 +603,6 @@ def write_reports(
         raise HarnessError(
             f"no preset runs in {tracking.uri}; run `bnn-harness run +experiment=NAME` first"
         )
-    return [p for name in names for p in write_report(tracking, out, name, sweep)]
+    return [
+        p for name in names for p in write_report(tracking, out, name, sweep, include_unfinished)
+    ]

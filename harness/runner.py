@@ -6,17 +6,21 @@ MLflow run exists; `execute` runs inside the MLflow run and is recorded either w
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from harness import cache, metrics, plots, timing, tracking
+from harness import cache, isolation, metrics, plots, timing, tracking
 from harness.api import (
     DataBundle,
     Executable,
@@ -47,16 +51,52 @@ def batch_sizes(cfg: DictConfig) -> list[int]:
 
 
 def check_plugins(registry: Registry, cfg: DictConfig) -> None:
-    for kind, node in [
-        ("method", cfg.method),
-        ("backend", cfg.backend),
+    """Every plugin the job will call exists and accepts its options, before anything runs.
+
+    Bases are included (e.g. the deterministic network under MC dropout, a `base` node
+    under linearised), so an option that would only fail after the base trained fails now.
+    """
+    nodes = [
         ("dataset", cfg.dataset),
         ("model", cfg.model),
         ("quantizer", cfg.quant),
-        ("method", cfg.reference.method),
+        ("backend", cfg.backend),
         ("backend", cfg.reference.backend),
-    ]:
+    ]
+    for kind, node in nodes:
         registry.get(kind, node.name)
+    for node in (cfg.method, cfg.reference.method):
+        for name, method_cfg in method_chain(registry, node):
+            if name == method_cfg.name:  # a base on a borrowed config: the owner checked it
+                registry.get("method", name).check(method_cfg)
+    for kind, node in nodes:
+        registry.get(kind, node.name).check(node)
+
+
+def method_chain(registry: Registry, method_cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """A method and the bases it starts from, as fit_or_load walks them."""
+    chain, name, borrowed = [], method_cfg.name, False
+    while True:
+        method = registry.get("method", name)
+        chain.append((name, method_cfg))
+        found = fixed_base(method, method_cfg) if borrowed else base_of(method, method_cfg)
+        if found is None:
+            return chain
+        if len(chain) > 16:
+            names = " -> ".join(n for n, _ in chain[:4])
+            raise HarnessError(f"method bases form a cycle: {names} -> ...")
+        name, method_cfg = found
+        borrowed = name != method_cfg.name
+
+
+def check_timing(cfg: DictConfig) -> None:
+    timing_cfg = cfg.timing
+    if timing_cfg.rounds <= 0 or timing_cfg.warmup < 0 or not timing_cfg.min_block_s > 0:
+        raise HarnessError(
+            "timing needs rounds >= 1, warmup >= 0 and min_block_s > 0, got "
+            f"rounds={timing_cfg.rounds}, warmup={timing_cfg.warmup}, "
+            f"min_block_s={timing_cfg.min_block_s}"
+        )
 
 
 def load_data(registry: Registry, cfg: DictConfig) -> DataBundle:
@@ -65,6 +105,19 @@ def load_data(registry: Registry, cfg: DictConfig) -> DataBundle:
         if len(x) == 0 or len(x) != len(y):
             raise HarnessError(f"dataset '{cfg.dataset.name}': split '{split}' is empty or ragged")
         require_finite(x, f"dataset '{cfg.dataset.name}' split '{split}'")
+        if tuple(x.shape[1:]) != tuple(data.spec.input_shape):
+            raise HarnessError(
+                f"dataset '{cfg.dataset.name}': split '{split}' has inputs of shape "
+                f"{tuple(x.shape[1:])}, the dataset declares {tuple(data.spec.input_shape)}"
+            )
+        # OOD sets carry no class (-1 is common); every labelled split must fit the head.
+        if split in ("train", "val", "test", "ambiguous") and (
+            y.min() < 0 or y.max() >= data.spec.num_classes
+        ):
+            raise HarnessError(
+                f"dataset '{cfg.dataset.name}': split '{split}' has labels outside "
+                f"0..{data.spec.num_classes - 1} (min {int(y.min())}, max {int(y.max())})"
+            )
     return data
 
 
@@ -72,10 +125,8 @@ def prepare(cfg: DictConfig, registry: Registry) -> Job:
     batch_sizes(cfg)
     if cfg.eval_batch_size <= 0 or cfg.moment_samples <= 0:
         raise HarnessError("eval_batch_size and moment_samples must be positive")
+    check_timing(cfg)
     check_plugins(registry, cfg)
-    quantizer = registry.get("quantizer", cfg.quant.name)
-    if hasattr(quantizer, "check"):  # optional: reject bad options before anything trains
-        quantizer.check(cfg.quant)
     data = load_data(registry, cfg)
     factory = registry.get("model", cfg.model.name).factory(cfg.model, data.spec)
     return Job(cfg, registry, data, factory)
@@ -94,7 +145,7 @@ def training_key(job: Job, method_cfg: DictConfig, name: str) -> dict[str, Any]:
     }
     # Options outside `fit` that still change the posterior (e.g. Laplace's hessian), as
     # the method declares them; methods that declare none keep their old cache keys.
-    options = list(getattr(job.registry.get("method", name), "fit_options", ()))
+    options = list(job.registry.get("method", name).fit_options)
     if options:
         key["options"] = OmegaConf.to_container(
             OmegaConf.masked_copy(method_cfg, options), resolve=True
@@ -103,19 +154,8 @@ def training_key(job: Job, method_cfg: DictConfig, name: str) -> dict[str, Any]:
 
 
 def base_of(method: Any, method_cfg: DictConfig) -> tuple[str, DictConfig] | None:
-    """The posterior a method starts from, and the config that trains it.
-
-    A method may choose per config (`base_config`, e.g. PFP training its own posterior).
-    Otherwise a `base` node in the config (a whole method config, e.g. linearised on
-    Laplace) names it; failing that, the method's fixed `base` trains with the method's
-    own config, so its `fit` settings, and its cache entry, match a plain run of the base.
-    """
-    if hasattr(method, "base_config"):
-        node = method.base_config(method_cfg)
-        return None if node is None else (node.name, node)
-    if method_cfg.get("base") is not None:
-        return method_cfg.base.name, method_cfg.base
-    return fixed_base(method, method_cfg)
+    """The posterior a method starts from and the config that trains it (`Method.base_config`)."""
+    return method.base_config(method_cfg)
 
 
 def fixed_base(method: Any, method_cfg: DictConfig) -> tuple[str, DictConfig] | None:
@@ -129,6 +169,8 @@ def fit_or_load(
     name = name or method_cfg.name
     method = job.registry.get("method", name)
     borrowed = name != method_cfg.name
+    # A base trained on a borrowed config (its derived method's) takes only its own fixed
+    # base: the borrowed config's `base_config` choices belong to the derived method.
     found = fixed_base(method, method_cfg) if borrowed else base_of(method, method_cfg)
     base = fit_or_load(job, found[1], found[0])[0] if found else None
     key = training_key(job, method_cfg, name)
@@ -139,7 +181,17 @@ def fit_or_load(
         L.seed_everything(job.cfg.seed, verbose=False)
         return method.fit(job.net_factory, job.data, method_cfg, base)
 
-    return cache.fit_or_load(Path(job.cfg.cache_dir), name, key, fit)
+    # The entry records the config that trained it; a method that declares no fit_options
+    # is warned when a hit was trained with other option values (harness/cache.py says why).
+    trained_with = OmegaConf.to_container(method_cfg, resolve=True)
+    return cache.fit_or_load(
+        Path(job.cfg.cache_dir),
+        name,
+        key,
+        fit,
+        trained_with,  # type: ignore[arg-type]
+        check_drift=not borrowed and not cache.declares_fit_options(method),
+    )
 
 
 def quantize(job: Job, posterior: Posterior) -> tuple[Posterior, MemoryAccount]:
@@ -157,9 +209,15 @@ def make_program(job: Job, posterior: Posterior, method_cfg: DictConfig) -> Infe
     return program
 
 
-def compile_program(job: Job, program: InferenceProgram, backend_cfg: DictConfig) -> Executable:
+def compile_program(
+    job: Job, program: InferenceProgram, backend_cfg: DictConfig
+) -> tuple[Executable, float]:
+    """The executable and the seconds `compile` took, timed here for every backend alike."""
     example = job.data.test[0][:1]
-    return job.registry.get("backend", backend_cfg.name).compile(program, example, backend_cfg)
+    backend = job.registry.get("backend", backend_cfg.name)
+    start = time.perf_counter()
+    exe = backend.compile(program, example, backend_cfg)
+    return exe, time.perf_counter() - start
 
 
 def predict(exe: Executable, kind: str, x: Tensor, chunk: int, moment_samples: int) -> Predictive:
@@ -187,16 +245,41 @@ def evaluate(
 
 def time_against_reference(job: Job, exe: Executable) -> dict[str, float]:
     cfg = job.cfg
+    # Both are timed under the candidate's thread settings (its backend may have set them),
+    # whatever compiling the reference changed; the settings are logged with the timings.
+    threads = isolation.ThreadSettings.current()
     ref_post, _ = fit_or_load(job, cfg.reference.method)
-    ref = compile_program(
+    ref, _ = compile_program(
         job, make_program(job, ref_post, cfg.reference.method), cfg.reference.backend
     )
+    threads.apply()
+    tracking.log_params(threads.params())
     pool = job.data.test[0]
 
     def make_input(b: int) -> Tensor:
         return pool[torch.arange(b) % len(pool)]
 
-    return timing.compare(exe, ref, make_input, batch_sizes(cfg), cfg.timing)
+    times = timing.compare(exe, ref, make_input, batch_sizes(cfg), cfg.timing)
+    return apart_if_emulated(times, executable_tags(exe), executable_tags(ref))
+
+
+def executable_tags(exe: Executable) -> dict[str, str]:
+    """`describe()["tags"]`: what an executable says about where it ran (e.g. device=emulated)."""
+    return {str(k): str(v) for k, v in (exe.describe().get("tags") or {}).items()}
+
+
+def apart_if_emulated(
+    times: dict[str, float], cand: dict[str, str], ref: dict[str, str]
+) -> dict[str, float]:
+    """An emulator's latency says nothing about the device it emulates: against a reference
+    that is not emulated, it is logged as lat_emulated/... and no speedup is computed."""
+    if cand.get("device") != "emulated" or ref.get("device") == "emulated":
+        return times
+    return {
+        k.replace("lat/", "lat_emulated/", 1): v
+        for k, v in times.items()
+        if not k.startswith("speedup/")
+    }
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -222,7 +305,10 @@ def execute(job: Job) -> dict[str, Any]:
     fit_s = time.perf_counter() - start
     posterior, memory = quantize(job, posterior)
     program = make_program(job, posterior, cfg.method)
-    exe = compile_program(job, program, cfg.backend)
+    exe, compile_s = compile_program(job, program, cfg.backend)
+    device = executable_tags(exe)
+    if device:
+        tracking.with_retry(lambda: mlflow.set_tags(device))
     scores, preds = evaluate(job, exe, program.kind)
     times = time_against_reference(job, exe)
     info = exe.describe()
@@ -232,7 +318,7 @@ def execute(job: Job) -> dict[str, Any]:
         | {
             "fit/seconds": fit_s,
             "fit/cached": float(cached),
-            "compile/seconds": float(info.get("compile_s", 0.0)),
+            "compile/seconds": compile_s,
             "mem/param_bytes": float(memory.bytes_after),
             "mem/reduction_vs_fp32": memory.bytes_before / max(memory.bytes_after, 1),
         }
@@ -250,10 +336,23 @@ def execute(job: Job) -> dict[str, Any]:
     return results
 
 
+def previous_run(cfg: DictConfig) -> str | None:
+    """The FINISHED run this exact job already has, to skip it on resume."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return tracking.finished_run(cfg.tracking, tracking.config_hash(resolved))
+
+
 def run(cfg: DictConfig, registry: Registry, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """One job; thread counts and the environment are restored afterwards, pass or fail."""
+    with isolation.job_state():
+        return _run(cfg, registry, tags)
+
+
+def _run(cfg: DictConfig, registry: Registry, tags: dict[str, str] | None) -> dict[str, Any]:
     job = prepare(cfg, registry)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     base_tags = {
+        "config_hash": tracking.config_hash(resolved),
         "method": cfg.method.name,
         "backend": cfg.backend.name,
         "dataset": cfg.dataset.name,
@@ -263,3 +362,55 @@ def run(cfg: DictConfig, registry: Registry, tags: dict[str, str] | None = None)
     }
     with tracking.job_run(cfg.tracking, run_name(cfg), resolved, base_tags | (tags or {})):
         return execute(job)
+
+
+def posterior_hash(posterior: Posterior) -> str:
+    """sha256 of the posterior's tensors and metadata: which trained model an artefact holds."""
+    h = hashlib.sha256(json.dumps([posterior.method, posterior.meta], sort_keys=True).encode())
+    for name in sorted(posterior.tensors):
+        h.update(name.encode())
+        h.update(posterior.tensors[name].detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def export(cfg: DictConfig, registry: Registry, out: Path) -> list[Path]:
+    """Deployable artefacts, one folder per batch size, through the backend's `export` hook."""
+    job = prepare(cfg, registry)
+    backend = registry.get("backend", cfg.backend.name)
+    if not callable(getattr(backend, "export", None)):
+        raise HarnessError(
+            f"backend '{cfg.backend.name}' cannot export an artefact: use a backend with an "
+            "export hook (backend=tvm_arm or backend=tvm)"
+        )
+    posterior, _ = fit_or_load(job, cfg.method)
+    posterior, _ = quantize(job, posterior)
+    program = make_program(job, posterior, cfg.method)
+    pool = job.data.test[0]
+    common = {
+        "method": cfg.method.name,
+        "backend": cfg.backend.name,
+        "output_kind": program.kind,
+        "posterior_sha256": posterior_hash(posterior),
+        "harness_version": _version(),
+    }
+    written = []
+    for b in batch_sizes(cfg):
+        example = pool[torch.arange(b) % len(pool)]
+        folder = Path(out) / f"b{b}"
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = backend.export(program, example, cfg.backend, folder)
+        manifest = common | {
+            "batch_size": b,
+            "input_shape": list(example.shape),
+            "input_dtype": str(example.dtype).removeprefix("torch."),
+        }
+        (folder / "manifest.json").write_text(json.dumps(manifest | entries, indent=2) + "\n")
+        written.append(folder)
+    return written
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("bnn-harness")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

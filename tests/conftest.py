@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +38,31 @@ def store_overrides(root: Path) -> list[str]:
 @pytest.fixture(scope="session", autouse=True)
 def _schemas() -> None:
     config.register(registry.default())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_outlives_the_session() -> Iterator[None]:
+    """Fails the session, after killing them, if the tests left child processes running
+    (a MetaSchedule `popen_worker` once ran on for minutes after `make test`)."""
+    yield
+    psutil = pytest.importorskip("psutil")
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    if loky is not None and loky._executor is not None:  # joblib keeps its workers for reuse
+        loky._executor.shutdown(wait=True, kill_workers=True)
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # a local Ray cluster stops at exit
+        ray.shutdown()
+    children = psutil.Process().children(recursive=True)
+    _, alive = psutil.wait_procs(children, timeout=5)
+    left = []
+    for proc in alive:
+        try:
+            left.append(f"{proc.pid} {' '.join(proc.cmdline())[:200]}")
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
+    if left:
+        pytest.fail("child processes left running (now killed):\n" + "\n".join(left))
 
 
 @pytest.fixture

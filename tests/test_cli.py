@@ -32,13 +32,13 @@ def test_multirun_records_failed_job_and_goes_on(tmp_path: Path) -> None:
         "run",
         "-m",
         "method=mc_dropout",
-        "method.samples=0,3",
+        "model.dropout=0,0.1",  # no dropout: fails inside the job, after the base trained
         *FAST,
         *store_overrides(tmp_path),
         f"hydra.sweep.dir={tmp_path}/sweep",
     )
     assert out.returncode == 1, out.stderr
-    assert "method.samples must be positive" in out.stderr
+    assert "needs a model with dropout" in out.stderr
     assert "1 job(s) failed" in out.stderr
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["bnn-harness"])
@@ -54,6 +54,7 @@ def test_typo_in_key_is_hydras_one_message(tmp_path: Path) -> None:
     out = bnn("run", "method.sampels=3", *store_overrides(tmp_path))
     assert out.returncode != 0
     assert "Key 'sampels' not in 'SVIConfig'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1  # Hydra's message, as one line
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -62,6 +63,8 @@ def test_unknown_method_lists_options(tmp_path: Path) -> None:
     out = bnn("run", "method=bogus", *store_overrides(tmp_path))
     assert out.returncode != 0
     assert "Could not find 'method/bogus'" in out.stderr
+    assert "deterministic, ensemble" in out.stderr and "_schema" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
     assert "deterministic" in out.stderr and "svi" in out.stderr
     assert "Traceback" not in out.stderr
 
@@ -71,6 +74,18 @@ def test_bad_batch_size_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert out.stderr.strip() == "error: batch sizes must be positive integers, got [0]"
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_error_before_any_run_does_not_claim_a_recorded_run(tmp_path: Path) -> None:
+    out = bnn(
+        "run",
+        "tracking.uri=bogus://nowhere",
+        f"cache_dir={tmp_path}/c",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert out.returncode == 1
+    [line] = out.stderr.strip().splitlines()
+    assert line.endswith("no MLflow run was written") and "recorded" not in line
 
 
 def test_plugins_lists_kinds_and_sources() -> None:

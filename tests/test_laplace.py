@@ -17,6 +17,7 @@ from torch import nn
 
 from harness import metrics, registry, runner
 from harness.api import DataBundle, HarnessError, Posterior
+from harness.training import FitConfig, state_tensors
 from plugins.datasets import DirtyDigits, DirtyDigitsConfig
 from plugins.methods.deterministic import fit_map, load_net
 from plugins.methods.laplace import (
@@ -27,7 +28,6 @@ from plugins.methods.laplace import (
     check_options,
     fit_laplace,
 )
-from plugins.methods.training import FitConfig, state_tensors
 from plugins.models import MLP, LeNet5, LeNet5Config, MLPConfig
 
 COMBOS = [

@@ -13,12 +13,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch import nn
 
+from harness import moments as gops
 from harness import registry, runner
 from harness.api import DataSpec, HarnessError, Posterior
 from plugins.methods import linearised as lin
 from plugins.methods.linearised import Linearised, LinearisedConfig
 from plugins.methods.pfp import make_program
-from plugins.methods.pfp import ops as gops
 from plugins.models import MLP, LeNet5, LeNet5Config, MLPConfig
 
 SPEC = DataSpec((1, 8, 8), 10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -279,3 +280,65 @@ def test_score_all() -> None:
 def test_score_all_missing_ood_set() -> None:
     with pytest.raises(ValueError, match="far"):
         score_all({"test": _deterministic(PROBS)}, {"test": LABELS}, ["far"])
+
+
+def _moments(mean: list[list[float]], var: list[list[float]]) -> Predictive:
+    return to_predictive(
+        (torch.tensor(mean, dtype=torch.float64), torch.tensor(var, dtype=torch.float64)),
+        "moments",
+    )
+
+
+def test_moment_programs_get_the_variance_score() -> None:
+    """The seed code's OOD score: mean logit variance. Here the OOD inputs have larger
+    variances but far larger mean margins, so entropy calls them in-distribution and only
+    `var` ranks them right."""
+    test = _moments([[1.0, 0.0]] * 3, [[0.1, 0.1], [0.2, 0.2], [0.3, 0.1]])
+    ood = _moments([[4.0, 0.0]] * 3, [[0.5, 0.7], [0.9, 0.9], [0.8, 0.6]])
+    assert torch.allclose(test.variance, torch.tensor([0.1, 0.2, 0.2], dtype=torch.float64))
+    out = score_all({"test": test, "ood_x": ood}, {"test": torch.zeros(3).long()}, ["x"])
+    assert out["ood/auroc_var"] == 1.0 and out["ood/x/auroc_var"] == 1.0
+    assert out["ood/fpr95_var"] == 0.0 and out["ood/aupr_var"] == 1.0
+    assert out["ood/auroc_var_lo"] == out["ood/auroc_var_hi"] == 1.0
+    assert out["ood/auroc_entropy"] == 0.0
+
+
+def test_sample_programs_have_no_variance_score() -> None:
+    test, ood = _deterministic(PROBS), _deterministic(PROBS.flip(-1))
+    assert test.variance is None
+    out = score_all({"test": test, "ood_x": ood}, {"test": LABELS}, ["x"])
+    assert not any("_var" in k for k in out)
+    # One split without the field drops it from the join: a mixed concat scores nothing.
+    assert metrics.concat(test, _moments([[1.0, 0.0]], [[1.0, 1.0]])).variance is None
+
+
+def test_bootstrap_interval_covers_the_true_auroc() -> None:
+    """Coverage sanity on synthetic scores with a known AUROC: N(0,1) against N(d,1) has
+    AUROC Phi(d / sqrt 2). Over 40 draws of the data, a 90 % interval should hold the true
+    value in roughly 36; accept 30-40 (binomial spread), and the interval must shrink with n."""
+    from scipy.stats import norm
+
+    d = 1.0
+    truth = norm.cdf(d / math.sqrt(2))
+    rng = np.random.default_rng(0)
+    hits, widths = 0, []
+    for trial in range(40):
+        a, b = rng.normal(0, 1, 150), rng.normal(d, 1, 150)
+        lo, hi = metrics.bootstrap_auroc(a, b, resamples=400, level=0.9, seed=trial)
+        hits += lo <= truth <= hi
+        widths.append(hi - lo)
+    assert 30 <= hits <= 40
+    lo, hi = metrics.bootstrap_auroc(rng.normal(0, 1, 2400), rng.normal(d, 1, 2400), seed=1)
+    assert hi - lo < np.mean(widths) / 2  # 16x the data: about a quarter of the width
+
+
+def test_bootstrap_is_seeded_and_matches_the_point_estimate_on_ties() -> None:
+    a, b = np.array([0.0, 1.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])
+    assert metrics.bootstrap_auroc(a, b, seed=3) == metrics.bootstrap_auroc(a, b, seed=3)
+    # A huge level on a degenerate case: every resample of constant scores is 0.5.
+    assert metrics.bootstrap_auroc(np.zeros(5), np.zeros(7), resamples=50) == (0.5, 0.5)
+    lo, hi = metrics.bootstrap_auroc(a, b)
+    point = ood_scores(torch.tensor(a), torch.tensor(b), "x")["ood/auroc_x"]
+    assert lo <= point <= hi
+    with pytest.raises(ValueError, match="both classes"):
+        metrics.bootstrap_auroc(np.zeros(0), b)

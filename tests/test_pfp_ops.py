@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from harness import moments as ops
 from harness.api import HarnessError, MomentOp
-from plugins.methods.pfp import ops
 
 N = 200_000
 Z = 5.0  # standard errors: a false alarm has probability < 1e-6 per entry

@@ -7,8 +7,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from harness import registry
+from harness import api, cli, registry
 from harness.api import HarnessError
 
 BUILTINS = {
@@ -63,6 +64,12 @@ def _fake_distribution(root: Path) -> None:
             class Echo:
                 name = "echo"
 
+                def fit(self, net_factory, data, cfg, base):
+                    raise NotImplementedError
+
+                def program(self, posterior, net_factory, cfg):
+                    raise NotImplementedError
+
             @hookimpl
             def bnn_harness_methods():
                 return [Echo()]
@@ -88,3 +95,170 @@ def test_broken_plugin_is_reported_and_others_survive(tmp_path: Path, monkeypatc
     assert entry.startswith("broken")
     assert "missing dependency xyz" in error
     sys.modules.pop("good_plugin", None)
+
+
+def _package(root: Path, dist: str, modules: dict[str, str], entries: dict[str, str]) -> None:
+    """A fake installed distribution: modules on the path and its entry points."""
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entries.items())
+    (info / "entry_points.txt").write_text(f"[bnn_harness_contract]\n{lines}")
+
+
+HEADER = """
+import pluggy
+hookimpl = pluggy.HookimplMarker("bnn_harness")
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in list(sys.modules):
+        if name.startswith("contract_"):
+            sys.modules.pop(name)
+
+
+def test_plugin_missing_a_required_member_is_reported_not_loaded(site: Path) -> None:
+    _package(
+        site,
+        "half-backend",
+        {
+            "contract_half": HEADER
+            + """
+class NoCompile:
+    name = "nocompile"
+
+class Whole:
+    name = "whole"
+
+    def compile(self, program, example, cfg):
+        return program
+
+@hookimpl
+def bnn_harness_backends():
+    return [NoCompile(), Whole()]
+"""
+        },
+        {"half": "contract_half"},
+    )
+    reg = registry.build(group="bnn_harness_contract")
+    assert set(reg.plugins("backend")) == {"whole"}
+    [(entry, problem)] = reg.failures.items()
+    assert entry == "backend 'nocompile' from half [half-backend]"
+    assert "missing required member(s) compile of harness.api.Backend" in problem
+
+
+def test_optional_members_get_their_documented_defaults(site: Path) -> None:
+    """A plugin that inherits nothing still meets the whole Protocol once loaded."""
+    _package(
+        site,
+        "bare",
+        {
+            "contract_bare": HEADER
+            + """
+class Bare:
+    name = "bare"
+    base = "deterministic"
+
+    def fit(self, net_factory, data, cfg, base):
+        return base
+
+    def program(self, posterior, net_factory, cfg):
+        return None
+
+@hookimpl
+def bnn_harness_methods():
+    return [Bare()]
+"""
+        },
+        {"bare": "contract_bare"},
+    )
+    method = registry.build(group="bnn_harness_contract").get("method", "bare")
+    assert isinstance(method, api.Method)
+    assert method.fit_options == ()
+    assert method.check(object()) is None
+    cfg = OmegaConf.create({"name": "bare"})
+    assert method.base_config(cfg) == ("deterministic", cfg)
+    node = OmegaConf.create({"name": "svi"})
+    assert method.base_config(OmegaConf.create({"name": "bare", "base": node}))[0] == "svi"
+
+
+def test_duplicate_names_are_an_error_naming_both_packages(site: Path) -> None:
+    source = (
+        HEADER
+        + """
+class Twin:
+    name = "twin"
+
+    def load(self, cfg, seed):
+        raise NotImplementedError
+
+@hookimpl
+def bnn_harness_datasets():
+    return [Twin()]
+"""
+    )
+    _package(site, "first-pkg", {"contract_one": source}, {"one": "contract_one"})
+    _package(site, "second-pkg", {"contract_two": source}, {"two": "contract_two"})
+    reg = registry.build(group="bnn_harness_contract")
+    with pytest.raises(HarnessError) as err:
+        reg.get("dataset", "twin")
+    message = str(err.value)
+    assert "two datasets are named 'twin'" in message
+    assert "[first-pkg]" in message and "[second-pkg]" in message
+
+
+def test_misspelled_hook_is_reported(site: Path) -> None:
+    _package(
+        site,
+        "typo-pkg",
+        {
+            "contract_typo": HEADER
+            + """
+@hookimpl
+def bnn_harness_method():  # the hook is bnn_harness_methods
+    return []
+"""
+        },
+        {"typo": "contract_typo"},
+    )
+    reg = registry.build(group="bnn_harness_contract")
+    [(entry, problem)] = reg.failures.items()
+    assert entry.startswith("typo (contract_typo)")
+    assert "unknown hook 'bnn_harness_method'" in problem
+    assert reg.plugins("method") == {}
+
+
+def test_cli_lists_contract_failures(site: Path, capsys) -> None:
+    _package(
+        site,
+        "half-model",
+        {
+            "contract_model": HEADER
+            + """
+class NoFactory:
+    name = "nofactory"
+
+@hookimpl
+def bnn_harness_models():
+    return [NoFactory()]
+"""
+        },
+        {"half": "contract_model"},
+    )
+    assert cli.plugins(registry.build(group="bnn_harness_contract")) == 0
+    out = capsys.readouterr().out
+    assert "model 'nofactory' from half [half-model]" in out
+    assert "missing required member(s) factory" in out
+
+
+def test_builtins_meet_their_protocols() -> None:
+    reg = registry.build()
+    for kind, contract in api.CONTRACTS.items():
+        for name, (plugin, _) in reg.plugins(kind).items():
+            assert isinstance(plugin, contract.protocol), (kind, name)

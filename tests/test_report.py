@@ -60,7 +60,7 @@ def test_page_tables_and_plots_from_real_runs(real_store: Path, tmp_path: Path) 
         assert f"{run['metrics.cls/acc']:.4g}" in row and f"{run['metrics.cal/ece']:.4g}" in row
     assert "ambiguous (tot/ale/epi)" in page and "ood_patches (tot/ale/epi)" in page
     assert "b4 speedup" in page
-    for name in ("reliability.png", "entropy.png", "speedup.png"):
+    for name in ("reliability.png", "entropy.png", "speedup_grid.png", "aleatoric_epistemic.png"):
         assert tmp_path / "calib" / name in written
         assert f"](calib/{name})" in page
         height, width, _ = _png(tmp_path / "calib" / name)
@@ -88,7 +88,7 @@ def test_summary_run_holds_the_page_and_is_not_a_job(real_store: Path, tmp_path:
     )
     assert len(summaries) >= 2 and set(summaries["tags.report_of"]) == {"new"}
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(summaries["run_id"].iloc[0])}
-    assert {"calib.md", "reliability.png", "entropy.png", "speedup.png"} <= names
+    assert {"calib.md", "reliability.png", "entropy.png", "speedup_grid.png"} <= names
     assert report.presets(tracking) == ["calib"]
 
 
@@ -118,7 +118,7 @@ def test_bit_width_and_batch_sweeps_become_curves(tmp_path: Path) -> None:
     page = (tmp_path / "out" / "q.md").read_text()
     assert "## By bit width" in page and "| svi-vpq | 4 | 0.9 |" in page
     assert (tmp_path / "out" / "q" / "bits.png").exists()
-    assert (tmp_path / "out" / "q" / "speedup.png").exists()
+    assert (tmp_path / "out" / "q" / "speedup_grid.png").exists()
 
 
 def test_unknown_preset_is_one_line_naming_the_known(

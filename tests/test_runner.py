@@ -92,11 +92,13 @@ def test_config_errors_fail_before_any_run(make_cfg, tmp_path: Path, override, m
 
 
 def test_failure_inside_job_is_a_failed_run(make_cfg, tmp_path: Path) -> None:
-    with pytest.raises(HarnessError, match="samples must be positive"):
-        runner.run(make_cfg("method=mc_dropout", "method.samples=0"), registry.default())
+    """Options are checked before the run (tests/test_contract.py); what only shows once the
+    base is trained (MC dropout on a network without dropout) fails inside it."""
+    with pytest.raises(HarnessError, match="needs a model with dropout"):
+        runner.run(make_cfg("method=mc_dropout", "model.dropout=0"), registry.default())
     runs = _runs(tmp_path)
     assert list(runs["status"]) == ["FAILED"]
-    assert "samples must be positive" in runs.loc[0, "tags.error"]
+    assert "needs a model with dropout" in runs.loc[0, "tags.error"]
     client = mlflow.MlflowClient()
     text = Path(client.download_artifacts(runs.loc[0, "run_id"], "error.txt", str(tmp_path)))
     assert "Traceback" in text.read_text()

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from harness import registry, runner
 from harness.api import DataBundle, DataSpec, HarnessError, Posterior
+from harness.training import FitConfig, state_tensors
 from plugins.datasets import DirtyDigits, DirtyDigitsConfig
 from plugins.methods.deterministic import fit_map, load_net
 from plugins.methods.swag import (
@@ -26,7 +27,6 @@ from plugins.methods.swag import (
     moments,
     refresh_batchnorm,
 )
-from plugins.methods.training import FitConfig, state_tensors
 from plugins.models import MLP, MLPConfig
 
 SMALL = {"snapshots": 4, "rank": 3, "lr": 0.05}

@@ -1,22 +1,25 @@
-"""backend=tvm_arm: the aarch64 cross-build and export (no board needed), the RPC plumbing
-against a real TVM RPC server on this host, and the error without a server."""
+"""backend=tvm_arm: the aarch64 cross-build and export, the error without a server, and every
+kind of program run on the emulated aarch64 board (tools/arm_sim) against host TVM and eager
+PyTorch, with the same random draws; the runner's honest labels for emulated runs."""
 
 from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
+from arm_sim_support import PORT, arm_board  # noqa: F401  (session fixture)
+from omegaconf import DictConfig
 
-from harness.api import HarnessError, MomentOp
-from plugins.backends.tvm import TVMArmConfig
+from harness import registry, runner
+from harness.api import HarnessError, InferenceProgram, MomentOp, sample_draws, with_draws
+from plugins.backends.tvm import TVMArmConfig, TVMConfig
 from plugins.backends.tvm.arm import ELF_MACHINE_AARCH64, elf_machine
-from plugins.backends.tvm.backend import TVMArmBackend, host_target
+from plugins.backends.tvm.backend import TVMArmBackend, TVMBackend
 from plugins.methods.pfp.program import PFPProgram
 
 needs_cc = pytest.mark.skipif(
@@ -47,8 +50,10 @@ def _program() -> PFPProgram:
 @pytest.mark.parametrize("tune", ["none", "default"])
 def test_cross_build_exports_an_aarch64_library(tmp_path: Path, tune: str) -> None:
     x = torch.randn(2, 1, 8, 8)
-    lib = TVMArmBackend().export(_program(), x, TVMArmConfig(tune=tune), tmp_path)
+    entries = TVMArmBackend().export(_program(), x, TVMArmConfig(tune=tune), tmp_path)
+    lib = tmp_path / entries["library"]
     assert lib.exists() and elf_machine(lib) == ELF_MACHINE_AARCH64
+    assert (tmp_path / entries["runner"]).exists() and entries["draws"] == []
 
 
 def test_missing_cross_compiler_is_a_clear_error(tmp_path: Path) -> None:
@@ -69,51 +74,94 @@ def test_no_server_is_a_clear_error() -> None:
         TVMArmBackend().compile(_program(), torch.randn(1, 1, 8, 8), cfg)
 
 
-class _HostOverRPC(TVMArmBackend):
-    """The tvm_arm session code with this host's target and compiler: no aarch64 runtime
-    exists here, so the RPC path is exercised against an x86 server instead."""
+def trained_program(make_cfg: Callable[..., DictConfig], *overrides: str) -> InferenceProgram:
+    """A method's program on a posterior trained for a few epochs (cached under tmp_path)."""
+    job = runner.prepare(make_cfg(*overrides), registry.default())
+    posterior, _ = runner.fit_or_load(job, job.cfg.method)
+    return runner.make_program(job, posterior, job.cfg.method).eval(), job.data.test[0]
 
-    def target(self, cfg):
-        return host_target()
+
+def outputs(fn: Callable, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    """One call with the global generator at `seed`: the draws fed to TVM are then the same."""
+    torch.manual_seed(seed)
+    out = fn(x)
+    return tuple(out) if isinstance(out, tuple) else (out,)
+
+
+def eager(program: InferenceProgram, x: torch.Tensor) -> Callable:
+    """The program in PyTorch, fed its draws as TVM's executables are (traced before seeding)."""
+    module, draws = with_draws(program, x)
+
+    def call(x: torch.Tensor):
+        with torch.no_grad():
+            return module(x, *sample_draws(draws))
+
+    return call
+
+
+def board_cfg(**kw) -> TVMArmConfig:
+    return TVMArmConfig(host="127.0.0.1", port=PORT, **kw)
 
 
 @pytest.mark.slow
-def test_rpc_session_runs_the_program_remotely() -> None:
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tvm.exec.rpc_server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--port-end",
-            str(port + 1),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+@pytest.mark.usefixtures("arm_board")
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("method=pfp", "model=mlp"),
+        ("method=pfp", "model=lenet5"),
+        ("method=svi", "method.samples=4"),
+        ("method=mc_dropout", "method.samples=4"),
+        ("method=ensemble", "method.members=2"),
+    ],
+    ids=["pfp-mlp", "pfp-lenet5", "svi", "mc_dropout", "ensemble"],
+)
+def test_emulated_board_matches_host_tvm_and_eager(
+    make_cfg: Callable[..., DictConfig], overrides: tuple[str, ...]
+) -> None:
+    program, pool = trained_program(make_cfg, *overrides)
+    x = pool[:5]
+    arm = TVMArmBackend()
+    exe = arm.compile(program, x, board_cfg())
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.fail("the local TVM RPC server did not start")
-                time.sleep(0.5)
-        program, x = _program(), torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-        cfg = TVMArmConfig(port=port, cc="gcc", emulated=True)
-        exe = _HostOverRPC().compile(program, x, cfg)
-        mean, var = exe(x)
-        ref_mean, ref_var = program(x)
-        torch.testing.assert_close(mean, ref_mean, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(var, ref_var, rtol=1e-4, atol=1e-5)
-        info = exe.describe()
-        assert info["emulated"] is True and info["device"].startswith("rpc 127.0.0.1")
+        assert exe.describe()["tags"] == {"device": "emulated"}
+        on_arm = outputs(exe, x, seed=7)
+        on_arm_b1 = outputs(exe, x[:1], seed=7)  # a second module on the same session
     finally:
-        server.kill()
-        server.wait()
+        exe.close()
+    on_host = outputs(TVMBackend().compile(program, x, TVMConfig()), x, seed=7)
+    in_torch = outputs(eager(program, x), x, seed=7)
+    assert len(on_arm) == len(in_torch) == (2 if program.kind == "moments" else 1)
+    for a, h, t in zip(on_arm, on_host, in_torch, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, h, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, t, rtol=1e-3, atol=1e-3)
+    if program.kind == "moments":  # no draws: batch 1 is the first row of batch 5
+        torch.testing.assert_close(on_arm_b1[0], on_arm[0][:1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("arm_board")
+def test_emulated_run_is_tagged_and_never_a_speedup(make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg(
+        "method=pfp", "backend=tvm_arm", "backend.host=127.0.0.1", f"backend.port={PORT}"
+    )
+    results = runner.run(cfg, registry.default())
+    assert not any(k.startswith(("speedup/", "lat/")) for k in results)
+    assert results["lat_emulated/b1_ms"] > 0 and results["ref/b1_ms"] > 0
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.data.tags["device"] == "emulated" and run.data.tags["backend"] == "tvm_arm"
+    assert "speedup/b1" not in run.data.metrics and "lat_emulated/b4_ms" in run.data.metrics
+
+
+def test_emulated_times_against_an_emulated_reference_keep_their_speedup() -> None:
+    times = {"lat/b1_ms": 2.0, "lat/b1_iqr_ms": 0.1, "ref/b1_ms": 4.0, "speedup/b1": 2.0}
+    emulated, host = {"device": "emulated"}, {}
+    assert runner.apart_if_emulated(times, host, host) == times
+    assert runner.apart_if_emulated(times, emulated, emulated) == times
+    assert runner.apart_if_emulated(times, emulated, host) == {
+        "lat_emulated/b1_ms": 2.0,
+        "lat_emulated/b1_iqr_ms": 0.1,
+        "ref/b1_ms": 4.0,
+    }

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from harness import registry, runner
-from harness.api import DataSpec, HarnessError, InferenceProgram, Posterior
+from harness.api import DataSpec, DrawsAsInputs, HarnessError, InferenceProgram, Posterior
 from plugins.backends.tvm import TVMConfig
 from plugins.backends.tvm.backend import TVMBackend
-from plugins.backends.tvm.generic import NoiseAsInputs, trace_draws
 from plugins.methods.deterministic import SinglePass
 from plugins.methods.ensemble import StackedEnsemble
 from plugins.methods.mc_dropout import DropoutSampler
@@ -72,12 +71,12 @@ def test_mc_dropout_masks_are_inputs_not_dropped(x) -> None:
     torch.manual_seed(0)
     program = DropoutSampler(_factory()().eval(), 6).eval()
     exe = TVMBackend().compile(program, x, TVMConfig(tune="none"))
-    draws = trace_draws(program, x)
-    assert [d.law for d in draws] == ["uniform"] and draws[0].shape == (18, 16)
+    draws = program.draws(x)
+    assert [d.dist for d in draws] == ["bernoulli(0.8)"] and draws[0].shape == (18, 16)
     torch.manual_seed(3)
     out = exe(x)
     torch.manual_seed(3)
-    with torch.no_grad(), NoiseAsInputs([d.sample() for d in draws]):
+    with torch.no_grad(), DrawsAsInputs([d.sample() for d in draws]):
         ref = program(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert out.std(0).mean() > 1e-3

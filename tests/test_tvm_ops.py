@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from harness.api import DataSpec, HarnessError, MomentOp, Posterior
+from harness.moments import build_ops, diagonal_moments
 from plugins.backends.tvm import TVMConfig
 from plugins.backends.tvm.backend import TVMBackend
-from plugins.methods.pfp.builder import build_ops, diagonal_moments
 from plugins.methods.pfp.program import PFPProgram
 from plugins.models import MLP, LeNet5, LeNet5Config, MLPConfig
 

@@ -47,9 +47,13 @@ def test_second_build_reads_the_database_and_does_not_tune(tmp_path: Path) -> No
     searched = json.loads(next(tmp_path.rglob("searched.json")).read_text())
     assert len(searched) == info["tuned_tasks"]
 
+    # Every workload's kernel is built from its record, not left as the untuned TIR.
+    assert info["applied"] == info["tasks"] >= 2
+
     # Other weights, same shapes: same workloads, so nothing is searched again.
     again = TVMBackend().compile(_program(1), x, cfg)
     assert again.describe()["tuned_tasks"] == 0 and again.describe()["trials"] == 0
+    assert again.describe()["applied"] == again.describe()["tasks"]
     assert _records(tmp_path) == records
     mean, var = again(x)
     ref_mean, ref_var = _program(1)(x)
@@ -61,3 +65,37 @@ def test_trial_budget_must_be_positive(tmp_path: Path) -> None:
     cfg = TVMConfig(tune="metaschedule", trials=0, tuning_dir=str(tmp_path))
     with pytest.raises(HarnessError, match=r"backend\.trials must be positive"):
         TVMBackend().compile(_program(0), torch.randn(2, 12), cfg)
+
+
+@pytest.mark.slow
+def test_records_change_the_built_kernels(tmp_path: Path) -> None:
+    """The database lookup hits every fused kernel, and each hit replaces its TIR."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax, tirx
+    from tvm.s_tir import meta_schedule as ms
+
+    from plugins.backends.tvm import lowering, tuning
+    from plugins.backends.tvm.backend import host_target
+
+    cfg = TVMConfig(tune="metaschedule", trials=2, tuning_dir=str(tmp_path))
+    TVMBackend().compile(_program(0), torch.randn(3, 12), cfg)
+    target = host_target()
+    db = ms.database.JSONDatabase(work_dir=str(tuning.database_dir(tmp_path, target)))
+    mod = lowering.to_relax(_program(0).moment_ops(), (3, 12))
+    fuse = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    with target:
+        fused = tvm.transform.Sequential(fuse)(mod)
+    tuned, hits = tuning.apply_records(db, target, fused)
+    kernels = [gv for gv, f in fused.functions.items() if isinstance(f, tirx.PrimFunc)]
+    # a workload whose every candidate failed to build or run has no record to apply
+    recorded = [gv for gv in kernels if db.has_workload(tuning._task_key(fused[gv]))]
+    assert len(kernels) == 3 and hits == len(recorded) >= 2
+    for gv in recorded:
+        assert not tvm_ffi.structural_equal(tuned[gv].body, fused[gv].body), gv.name_hint

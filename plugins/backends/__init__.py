@@ -10,7 +10,7 @@ import pluggy
 import torch
 from torch import Tensor
 
-from harness.api import ConfigSchema, HarnessError, InferenceProgram
+from harness.api import BackendBase, ConfigSchema, HarnessError, InferenceProgram
 
 hookimpl = pluggy.HookimplMarker("bnn_harness")
 
@@ -38,14 +38,17 @@ class TorchExecutable:
         }
 
 
-class TorchBackend:
+class TorchBackend(BackendBase):
     name = "torch"
+
+    def check(self, cfg: TorchConfig) -> None:
+        if cfg.threads < 0:
+            raise HarnessError(f"backend.threads must be >= 0, got {cfg.threads}")
 
     def compile(
         self, program: InferenceProgram, example: Tensor, cfg: TorchConfig
     ) -> TorchExecutable:
-        if cfg.threads < 0:
-            raise HarnessError(f"backend.threads must be >= 0, got {cfg.threads}")
+        self.check(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         start = time.perf_counter()

@@ -15,7 +15,7 @@ import pluggy
 import torch
 from torch import Tensor
 
-from harness.api import ConfigSchema, HarnessError, InferenceProgram
+from harness.api import BackendBase, ConfigSchema, HarnessError, InferenceProgram
 
 hookimpl = pluggy.HookimplMarker("bnn_harness")
 
@@ -43,18 +43,21 @@ class TorchCompileExecutable:
         return self.info
 
 
-class TorchCompileBackend:
+class TorchCompileBackend(BackendBase):
     name = "torch_compile"
 
-    def compile(
-        self, program: InferenceProgram, example: Tensor, cfg: TorchCompileConfig
-    ) -> TorchCompileExecutable:
+    def check(self, cfg: TorchCompileConfig) -> None:
         if cfg.mode not in MODES:
             raise HarnessError(f"backend.mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
         if str(cfg.dynamic).lower() not in DYNAMIC:
             raise HarnessError(
                 f"backend.dynamic must be one of {', '.join(DYNAMIC)}, got '{cfg.dynamic}'"
             )
+
+    def compile(
+        self, program: InferenceProgram, example: Tensor, cfg: TorchCompileConfig
+    ) -> TorchCompileExecutable:
+        self.check(cfg)
         dynamic = {"auto": None, "true": True, "false": False}[str(cfg.dynamic).lower()]
         fn = torch.compile(program.eval(), mode=cfg.mode, dynamic=dynamic, fullgraph=cfg.fullgraph)
         info = {"target": "cpu (inductor)", "tuning": cfg.mode, "compile_s": 0.0}

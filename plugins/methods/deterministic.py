@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from harness.api import DataBundle, InferenceProgram, NetFactory, Posterior
-from plugins.methods import training
+from harness.api import DataBundle, InferenceProgram, MethodBase, NetFactory, Posterior, training
 
 
 @dataclass
@@ -45,9 +44,10 @@ class SinglePass(InferenceProgram):
         return self.net(x).unsqueeze(0)
 
 
-class Deterministic:
+class Deterministic(MethodBase):
     name = "deterministic"
     base = None
+    fit_options = ()  # what trains it is all in fit (and the model)
 
     def fit(
         self,

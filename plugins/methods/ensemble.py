@@ -8,8 +8,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
 
-from harness.api import DataBundle, HarnessError, InferenceProgram, NetFactory, Posterior
-from plugins.methods import training
+from harness.api import (
+    DataBundle,
+    HarnessError,
+    InferenceProgram,
+    MethodBase,
+    NetFactory,
+    Posterior,
+    training,
+)
 from plugins.methods.deterministic import fit_map, load_net
 
 
@@ -45,9 +52,14 @@ class StackedEnsemble(InferenceProgram):
         return torch.vmap(one)(params, self.buffers_)
 
 
-class Ensemble:
+class Ensemble(MethodBase):
     name = "ensemble"
     base = None
+    fit_options = ("members",)  # how many networks train: part of the cache key
+
+    def check(self, cfg: EnsembleConfig) -> None:
+        if cfg.members <= 0:
+            raise HarnessError(f"method.members must be positive, got {cfg.members}")
 
     def fit(
         self,

@@ -10,6 +10,7 @@ the tests check against laplace-torch's own `_glm_predictive_distribution`.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,10 +27,11 @@ from harness.api import (
     DataBundle,
     HarnessError,
     InferenceProgram,
+    MethodBase,
     NetFactory,
     Posterior,
+    training,
 )
-from plugins.methods import training
 from plugins.methods.deterministic import load_net
 
 hookimpl = pluggy.HookimplMarker("bnn_harness")
@@ -362,19 +364,48 @@ class LaplaceProgram(InferenceProgram):
         return torch.vmap(lambda p: functional_call(self.net, params | p, (x,)))(theta)
 
 
+# Relative jitters (times the mean of each matrix's diagonal) tried in turn by the batched
+# Cholesky of the output covariance: the first is needed anyway (see `_batched_cholesky`),
+# each next one is ten times larger, and past the last the matrix is not a covariance.
+OUTPUT_JITTER = (1e-5, 1e-4, 1e-3, 1e-2)
+
+
 def _batched_cholesky(cov: Tensor) -> Tensor:
-    """Cholesky of each [C, C] output covariance, with jitter for rank-deficient ones.
+    """Cholesky of each [C, C] output covariance, with a documented jitter retry.
 
     The logits' covariance is singular along directions the softmax ignores (e.g. a shift
-    of all logits under a last-layer posterior), so a small relative jitter is added.
+    of all logits under a last-layer posterior), so `OUTPUT_JITTER[0]` times the mean
+    diagonal is always added; a matrix whose factorisation still fails is retried with the
+    next, ten times larger, jitter, and one that fails them all is a `HarnessError`, never
+    a factor with zeros in it. Compiled graphs (torch.compile, torch.export) cannot raise
+    on data, so there every level is computed and chosen per matrix with `where`; a matrix
+    that fails all of them yields NaN samples: visibly wrong, not plausible numbers.
     """
     scale = cov.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)[:, None, None]
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
-    chol, _ = torch.linalg.cholesky_ex(cov + 1e-5 * scale * eye)
-    return torch.nan_to_num(chol)
+    if torch.compiler.is_compiling():
+        chol = torch.full_like(cov, torch.nan)
+        for jitter in reversed(OUTPUT_JITTER):
+            retry, info = torch.linalg.cholesky_ex(cov + jitter * scale * eye)
+            chol = torch.where((info == 0)[:, None, None], retry, chol)
+        return chol
+    chol, info = torch.linalg.cholesky_ex(cov + OUTPUT_JITTER[0] * scale * eye)
+    for jitter in OUTPUT_JITTER[1:]:
+        bad = info != 0
+        if not bool(bad.any()):
+            return chol
+        chol, info = chol.clone(), info.clone()
+        chol[bad], info[bad] = torch.linalg.cholesky_ex(cov[bad] + jitter * scale[bad] * eye)
+    if bool((info != 0).any()):
+        raise HarnessError(
+            f"laplace: {int((info != 0).sum())} output covariance(s) are not positive "
+            f"definite even with a jitter of {OUTPUT_JITTER[-1]:g} x their mean diagonal; "
+            "the posterior is broken (refit it, or use method.link=probit)"
+        )
+    return chol
 
 
-class LaplaceMethod:
+class LaplaceMethod(MethodBase):
     name = "laplace"
     base = "deterministic"
     fit_options = (
@@ -386,13 +417,17 @@ class LaplaceMethod:
         "batch_size",
     )
 
-    def base_config(self, cfg: Any) -> Any:
-        """The plain deterministic config with this one's `fit`, so the MAP cache is shared.
-
-        Checking the options here fails a typo before the MAP network trains.
-        """
+    def check(self, cfg: Any) -> None:
+        """Before the MAP network trains: the options, and laplace-torch being installed."""
         check_options(cfg)
-        return OmegaConf.create({"name": self.base, "fit": cfg.fit})
+        if importlib.util.find_spec("laplace") is None:
+            raise HarnessError(
+                "method=laplace needs laplace-torch: pip install 'bnn-harness[laplace]'"
+            )
+
+    def base_config(self, cfg: Any) -> tuple[str, Any]:
+        """The plain deterministic config with this one's `fit`, so the MAP cache is shared."""
+        return self.base, OmegaConf.create({"name": self.base, "fit": cfg.fit})
 
     def fit(
         self,

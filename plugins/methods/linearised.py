@@ -4,7 +4,8 @@ Linear layers (dense, conv, average pooling, batch norm) propagate a diagonal Ga
 exactly as PFP does, weight uncertainty included; nonlinearities are linearised at the
 mean, E[g(h)] ~ g(E[h]) and Var ~ g'(E[h])^2 Var[h]. So it differs from PFP only in ReLU
 (mean relu(m), variance v where m > 0) and max-pooling (the window's element with the
-largest mean, its variance). The posterior comes from the `base` config node: SVI by
+largest mean, its variance). Residual adds sum means and variances, assuming independent
+branches (mean field), exactly as in PFP. The posterior comes from the `base` config node: SVI by
 default, or any method whose posterior is a diagonal Gaussian in the mu./sigma. format
 (e.g. `method@method.base=laplace method.base.hessian=diag`).
 """
@@ -24,12 +25,12 @@ from harness.api import (
     DataBundle,
     HarnessError,
     InferenceProgram,
+    MethodBase,
     MomentOp,
     NetFactory,
     Posterior,
 )
-from plugins.methods.pfp import ops as gops
-from plugins.methods.pfp.builder import build_ops, diagonal_moments
+from harness.api import moments as gops
 
 hookimpl = pluggy.HookimplMarker("bnn_harness")
 
@@ -70,17 +71,19 @@ class LinearisedProgram(InferenceProgram):
             for name, tensor in op.tensors.items():
                 self.register_buffer(f"op{i}_{name}", tensor, persistent=False)
 
+    def _step(self, i: int, op: MomentOp, args: list[gops.Moments]) -> gops.Moments:
+        tensors = {k: getattr(self, f"op{i}_{k}") for k in op.tensors}
+        return OPS[op.op](*[t for pair in args for t in pair], **tensors, **op.attrs)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, var = x, None
-        for i, op in enumerate(self.ops):
-            tensors = {k: getattr(self, f"op{i}_{k}") for k in op.tensors}
-            mean, var = OPS[op.op](mean, var, **tensors, **op.attrs)
+        mean, var = gops.run_graph(self.ops, x, self._step)
         return mean, torch.zeros_like(mean) if var is None else var
 
 
-class Linearised:
+class Linearised(MethodBase):
     name = "linearised"
     base = "svi"
+    fit_options = ()  # reads its base's posterior, trains nothing
 
     def fit(
         self,
@@ -98,9 +101,9 @@ class Linearised:
     def program(
         self, posterior: Posterior, net_factory: NetFactory, cfg: LinearisedConfig
     ) -> InferenceProgram:
-        net = net_factory().eval()
-        mu, var = diagonal_moments(posterior, net)
-        return LinearisedProgram(build_ops(net, mu, var))
+        net = gops.load_buffers(posterior, net_factory().eval())
+        mu, var = gops.diagonal_moments(posterior, net)
+        return LinearisedProgram(gops.build_ops(net, mu, var))
 
 
 @hookimpl

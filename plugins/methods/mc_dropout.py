@@ -6,8 +6,15 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from harness.api import DataBundle, HarnessError, InferenceProgram, NetFactory, Posterior
-from plugins.methods import training
+from harness.api import (
+    DataBundle,
+    HarnessError,
+    InferenceProgram,
+    MethodBase,
+    NetFactory,
+    Posterior,
+    training,
+)
 from plugins.methods.deterministic import load_net
 
 
@@ -32,15 +39,15 @@ class DropoutSampler(InferenceProgram):
         rows = x.unsqueeze(0).expand(self.samples, *x.shape).reshape(-1, *x.shape[1:])
         return self.net(rows).reshape(self.samples, batch, -1)
 
-    def train(self, mode: bool = True) -> DropoutSampler:  # keeps dropout on after .eval()
-        super().train(mode)
-        training.active_dropout(self.net)
-        return self
 
-
-class MCDropout:
+class MCDropout(MethodBase):
     name = "mc_dropout"
     base = "deterministic"
+    fit_options = ()  # samples is inference-only
+
+    def check(self, cfg: MCDropoutConfig) -> None:
+        if cfg.samples <= 0:
+            raise HarnessError(f"method.samples must be positive, got {cfg.samples}")
 
     def fit(
         self,

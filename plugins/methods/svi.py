@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
@@ -18,13 +19,16 @@ from harness.api import (
     DataBundle,
     HarnessError,
     InferenceProgram,
+    MethodBase,
     NetFactory,
     Posterior,
     QuantSpec,
     fake_quant,
     log_quant,
+    moments,
+    training,
 )
-from plugins.methods import families, training
+from plugins.methods import families
 
 
 @dataclass
@@ -50,22 +54,57 @@ class SVIConfig:
     family: str | None = None  # deploy family for the same (mu, sigma); None: fit.family
     family_path: str | None = None  # None: fit.family_path
     fit: SVIFit = field(default_factory=SVIFit)
+    # A whole method config whose diagonal posterior to sample instead of training one
+    # (e.g. `method@method.base=imported`); None: train with `fit`.
+    base: Any = None
+
+
+def _lrt_layer(
+    path: str, layer: nn.Module, mu: dict[str, Tensor], var: dict[str, Tensor], h: Tensor
+) -> Tensor:
+    w, b = f"{path}.weight", f"{path}.bias"
+    op = F.linear if isinstance(layer, nn.Linear) else _conv(layer)
+    mean = op(h, mu[w], mu.get(b))
+    spread = op(h * h, var[w], var.get(b))
+    return mean + spread.clamp_min(0).sqrt() * torch.randn_like(mean)
+
+
+class _LRT(fx.Interpreter):
+    """Runs a traced network with its linear/conv layers replaced by `_lrt_layer`; other
+    parameters (batch-norm affine) take their posterior means."""
+
+    def __init__(self, net: nn.Module, mu: dict[str, Tensor], var: dict[str, Tensor]):
+        super().__init__(net, graph=moments.trace(net))
+        self.mu, self.var = mu, var
+
+    def call_module(self, target, args, kwargs):
+        layer = self.fetch_attr(target)
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            return _lrt_layer(target, layer, self.mu, self.var, args[0])
+        return _at_means(target, layer, self.mu, *args, **kwargs)
+
+
+def _at_means(path: str, layer: nn.Module, mu: dict[str, Tensor], *args, **kwargs) -> Tensor:
+    own = {k: mu[f"{path}.{k}"] for k, _ in layer.named_parameters()}
+    return functional_call(layer, own, args, kwargs) if own else layer(*args, **kwargs)
 
 
 def lrt_forward(
-    net: nn.Sequential, mu: dict[str, Tensor], var: dict[str, Tensor], x: Tensor
+    net: nn.Module, mu: dict[str, Tensor], var: dict[str, Tensor], x: Tensor
 ) -> Tensor:
-    """Sample pre-activations of linear/conv layers instead of weights (Kingma et al. 2015)."""
+    """Sample pre-activations of linear/conv layers instead of weights (Kingma et al. 2015).
+
+    An nn.Sequential is walked directly; any other network is traced with torch.fx (the
+    graph harness.moments builds PFP from), so residual networks work too.
+    """
+    if not isinstance(net, nn.Sequential):
+        return _LRT(net, mu, var).run(x)
     h = x
     for idx, layer in enumerate(net):
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            w, b = f"{idx}.weight", f"{idx}.bias"
-            op = F.linear if isinstance(layer, nn.Linear) else _conv(layer)
-            mean = op(h, mu[w], mu.get(b))
-            spread = op(h * h, var[w], var.get(b))
-            h = mean + spread.clamp_min(0).sqrt() * torch.randn_like(mean)
+            h = _lrt_layer(str(idx), layer, mu, var, h)
         else:
-            h = layer(h)
+            h = _at_means(str(idx), layer, mu, h)
     return h
 
 
@@ -163,10 +202,10 @@ class SampledWeights(InferenceProgram):
         local_reparam = local_reparam and self.family.name == "gaussian"  # exact only then
         self.spec = QuantSpec.from_meta(posterior.meta)
         if self.spec and self.spec.activations:
-            for i, layer in enumerate(net):
+            for path, layer in list(net.named_modules()):
                 if isinstance(layer, nn.ReLU):
-                    net[i] = QuantReLU(self.spec.bits)
-        self.skeleton = [net.eval()]
+                    net.set_submodule(path, QuantReLU(self.spec.bits))
+        self.skeleton = [moments.load_buffers(posterior, net.eval())]
         self.samples, self.local_reparam = samples, local_reparam
         names = [n for n, _ in net.named_parameters()]
         for n in names:
@@ -195,9 +234,19 @@ class SampledWeights(InferenceProgram):
         return torch.vmap(lambda p: functional_call(self.skeleton[0], p, (x,)))(draws)
 
 
-class SVI:
+class SVI(MethodBase):
     name = "svi"
     base = None
+    fit_options = ()  # samples, local_reparam, family: inference-only
+
+    def check(self, cfg: SVIConfig) -> None:
+        if cfg.samples <= 0:
+            raise HarnessError(f"method.samples must be positive, got {cfg.samples}")
+        if cfg.fit.prior_std <= 0 or cfg.fit.init_sigma <= 0:
+            raise HarnessError("method.fit.prior_std and init_sigma must be positive")
+        families.get(cfg.fit.family, cfg.fit.family_path)  # names the valid families
+        if cfg.family:
+            families.get(cfg.family, cfg.family_path or cfg.fit.family_path)
 
     def fit(
         self,
@@ -207,8 +256,9 @@ class SVI:
         base: Posterior | None = None,
     ) -> Posterior:
         fit = cfg.fit
-        if fit.prior_std <= 0 or fit.init_sigma <= 0:
-            raise HarnessError("method.fit.prior_std and init_sigma must be positive")
+        self.check(cfg)
+        if base is not None:  # sample a given posterior (an imported one): nothing to train
+            return Posterior(self.name, dict(base.tensors), {**base.meta, "base": base.method})
         q = MeanField(net_factory(), fit.init_sigma, families.get(fit.family, fit.family_path))
 
         def loss(m: MeanField, x: Tensor, y: Tensor, n_train: int) -> Tensor:
@@ -225,6 +275,7 @@ class SVI:
         mu, sigma = q.moments()
         tensors = {f"mu.{k}": v.detach().clone() for k, v in mu.items()}
         tensors |= {f"sigma.{k}": v.detach().clone() for k, v in sigma.items()}
+        tensors |= {f"buffer.{k}": v.detach().clone() for k, v in q.net.named_buffers()}
         return Posterior(self.name, tensors, {"prior_std": fit.prior_std})
 
     def program(

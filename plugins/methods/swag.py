@@ -32,10 +32,11 @@ from harness.api import (
     DataBundle,
     HarnessError,
     InferenceProgram,
+    MethodBase,
     NetFactory,
     Posterior,
+    training,
 )
-from plugins.methods import training
 from plugins.methods.deterministic import load_net
 
 hookimpl = pluggy.HookimplMarker("bnn_harness")
@@ -206,7 +207,7 @@ class SWAGProgram(InferenceProgram):
         return torch.vmap(lambda p, b: functional_call(self.net, (p, b), (x,)))(theta, stats)
 
 
-class SWAG:
+class SWAG(MethodBase):
     name = "swag"
     base = "deterministic"
     fit_options = (
@@ -222,10 +223,12 @@ class SWAG:
         "bn_rows",
     )
 
-    def base_config(self, cfg: Any) -> Any:
-        """The plain deterministic config with this one's `fit`, so the MAP cache is shared."""
+    def check(self, cfg: Any) -> None:
         check_options(cfg)
-        return OmegaConf.create({"name": self.base, "fit": cfg.fit})
+
+    def base_config(self, cfg: Any) -> tuple[str, Any]:
+        """The plain deterministic config with this one's `fit`, so the MAP cache is shared."""
+        return self.base, OmegaConf.create({"name": self.base, "fit": cfg.fit})
 
     def fit(
         self,

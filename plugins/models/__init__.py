@@ -1,4 +1,7 @@
-"""Network architectures as nn.Sequential, so methods can walk layers in order."""
+"""Network architectures: MLP and LeNet-5 as nn.Sequential, ResNet as a residual module.
+
+Moment methods trace any of them with torch.fx (harness.moments.build_ops), so a model
+may use residual adds and flatten/view as long as its layers are the supported ones."""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ import math
 from dataclasses import dataclass, field
 
 import pluggy
-from torch import nn
+from torch import Tensor, nn
 
-from harness.api import ConfigSchema, DataSpec, HarnessError, NetFactory
+from harness.api import ConfigSchema, DataSpec, HarnessError, ModelBase, NetFactory
 
 hookimpl = pluggy.HookimplMarker("bnn_harness")
 
@@ -32,8 +35,13 @@ def _check_dropout(p: float) -> None:
         raise HarnessError(f"model.dropout must be in [0, 1), got {p}")
 
 
-class MLP:
+class MLP(ModelBase):
     name = "mlp"
+
+    def check(self, cfg: MLPConfig) -> None:
+        _check_dropout(cfg.dropout)
+        if any(w <= 0 for w in cfg.hidden):
+            raise HarnessError(f"model.hidden widths must be positive, got {list(cfg.hidden)}")
 
     def factory(self, cfg: MLPConfig, spec: DataSpec) -> NetFactory:
         _check_dropout(cfg.dropout)
@@ -51,10 +59,13 @@ class MLP:
         return build
 
 
-class LeNet5:
+class LeNet5(ModelBase):
     """LeNet-5 as in the PFP seed: conv6x5x5 pad 2, pool, conv16x5x5, pool, 120-84-C."""
 
     name = "lenet5"
+
+    def check(self, cfg: LeNet5Config) -> None:
+        _check_dropout(cfg.dropout)
 
     def factory(self, cfg: LeNet5Config, spec: DataSpec) -> NetFactory:
         _check_dropout(cfg.dropout)
@@ -89,9 +100,82 @@ class LeNet5:
         return build
 
 
+@dataclass
+class ResNetConfig:
+    name: str = "resnet"
+    width: int = 16  # channels of every convolution
+    blocks: int = 2  # residual blocks, each followed by a 2x2 average pooling
+
+
+class Block(nn.Module):
+    """conv-bn-relu-conv-bn, plus the input, then relu (He et al. 2016, basic block)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class ResidualCNN(nn.Module):
+    """Stem conv, `blocks` residual blocks with average pooling between them, global
+    average pooling and a linear head. Average pooling (not max) keeps every op of the
+    moment program exact for independent Gaussian inputs; batch norm runs in eval mode
+    at inference, with the running statistics the posterior carries (`buffer.`)."""
+
+    def __init__(self, channels: int, side: int, width: int, blocks: int, classes: int):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.blocks = nn.ModuleList(Block(width) for _ in range(blocks))
+        self.pools = nn.ModuleList(nn.AvgPool2d(2) for _ in range(blocks))
+        self.head_pool = nn.AvgPool2d(side >> blocks)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        for block, pool in zip(self.blocks, self.pools, strict=True):
+            h = pool(block(h))
+        h = self.head_pool(h)
+        return self.fc(h.view(h.size(0), -1))
+
+
+class ResNet(ModelBase):
+    """A small residual CNN for square images (28x28 MNIST; 8x8 digits with blocks <= 3)."""
+
+    name = "resnet"
+
+    def check(self, cfg: ResNetConfig) -> None:
+        if cfg.width <= 0 or cfg.blocks < 0:
+            raise HarnessError(
+                f"model.width must be positive and model.blocks >= 0, got {cfg.width}, {cfg.blocks}"
+            )
+
+    def factory(self, cfg: ResNetConfig, spec: DataSpec) -> NetFactory:
+        self.check(cfg)
+        channels, height, width = spec.input_shape
+        if height != width or height >> cfg.blocks < 1:
+            raise HarnessError(
+                f"model=resnet needs square inputs of side >= 2^blocks, got {height}x{width} "
+                f"with model.blocks={cfg.blocks}"
+            )
+
+        def build() -> nn.Module:
+            return ResidualCNN(channels, height, cfg.width, cfg.blocks, spec.num_classes)
+
+        return build
+
+
 @hookimpl
 def bnn_harness_models() -> list:
-    return [MLP(), LeNet5()]
+    return [MLP(), LeNet5(), ResNet()]
 
 
 @hookimpl
@@ -99,4 +183,5 @@ def bnn_harness_config_schemas() -> list[ConfigSchema]:
     return [
         ConfigSchema("model", "mlp_schema", MLPConfig),
         ConfigSchema("model", "lenet5_schema", LeNet5Config),
+        ConfigSchema("model", "resnet_schema", ResNetConfig),
     ]

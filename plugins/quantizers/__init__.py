@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pluggy
 
-from harness.api import ConfigSchema, MemoryAccount, Posterior, param_bytes
+from harness.api import ConfigSchema, MemoryAccount, Posterior, QuantizerBase, param_bytes
 
 hookimpl = pluggy.HookimplMarker("bnn_harness")
 
@@ -17,7 +17,7 @@ class NoneConfig:
     bits: int = 32  # ignored (float32); lets a sweep over quant.bits include the baseline
 
 
-class NoQuantization:
+class NoQuantization(QuantizerBase):
     name = "none"
 
     def apply(self, posterior: Posterior, cfg: NoneConfig) -> tuple[Posterior, MemoryAccount]:

@@ -33,6 +33,7 @@ from harness.api import (
     HarnessError,
     MemoryAccount,
     Posterior,
+    QuantizerBase,
     check_bits,
     fake_quant,
     log_quant,
@@ -148,7 +149,7 @@ def check_options(cfg: VPQConfig | SPQConfig | JQConfig) -> None:
         )
 
 
-class VPQ:
+class VPQ(QuantizerBase):
     name = "vpq"
     check = staticmethod(check_options)
 
@@ -157,7 +158,7 @@ class VPQ:
         return Posterior(posterior.method, tensors, dict(posterior.meta)), account
 
 
-class SPQ:
+class SPQ(QuantizerBase):
     name = "spq"
     check = staticmethod(check_options)
 
@@ -173,7 +174,7 @@ class SPQ:
         return Posterior(posterior.method, tensors, with_spec(posterior, cfg.bits, False)), account
 
 
-class JQ:
+class JQ(QuantizerBase):
     name = "jq"
     check = staticmethod(check_options)
 
@@ -189,19 +190,9 @@ def bnn_harness_quantizers() -> list:
 
 
 @hookimpl
-def bnn_harness_methods() -> list:
-    from plugins.quantizers.qat import SVIQAT
-
-    return [SVIQAT()]
-
-
-@hookimpl
 def bnn_harness_config_schemas() -> list[ConfigSchema]:
-    from plugins.quantizers.qat import SVIQATConfig
-
     return [
         ConfigSchema("quant", "vpq_schema", VPQConfig),
         ConfigSchema("quant", "spq_schema", SPQConfig),
         ConfigSchema("quant", "jq_schema", JQConfig),
-        ConfigSchema("method", "svi_qat_schema", SVIQATConfig),
     ]

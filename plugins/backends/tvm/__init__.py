@@ -23,6 +23,9 @@ class TVMConfig:
     tuning_dir: str = "results/tvm_tuning"  # database root; one database per target inside
     path: str = "auto"  # auto | gaussian | generic (auto: Gaussian library when possible)
     mcpu: str = ""  # empty: LLVM's name for this host's CPU
+    # TVM's thread pool size; 0: every core this process may run on (TVM's own default
+    # is half the logical CPUs on x86, one thread on a 2-core machine)
+    threads: int = 0
 
 
 @dataclass

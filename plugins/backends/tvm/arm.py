@@ -86,6 +86,23 @@ class Session:
             ) from err
         self._dir = Path(tempfile.mkdtemp(prefix="tvm_arm_"))
         self._count = 0
+        self.device = "emulated" if cfg.emulated or self._reported() == "emulated" else "board"
+
+    def _reported(self) -> str:
+        """What the server says it is: our rpc_server.py under arm-sim answers "emulated"."""
+        try:
+            ask = self.remote.get_function("bnn_harness.device_kind")
+            return str(ask()) if ask is not None else ""
+        except Exception:  # a stock server has no such function: a board, unless cfg says
+            return ""
+
+    def close(self) -> None:
+        """Drop the session: the server serves one at a time, so the next client can connect."""
+        import gc
+
+        self.remote = None
+        gc.collect()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     @staticmethod
     def _probe(host: str, port: int) -> None:
@@ -123,7 +140,13 @@ class Session:
         return call, put
 
     def describe(self) -> dict[str, Any]:
-        return {"device": f"rpc {self.where}", "emulated": self.cfg.emulated}
+        """`tags` become MLflow run tags: emulated timings must never pass for ARM timings."""
+        emulated = self.device == "emulated"
+        return {
+            "device": f"rpc {self.where}",
+            "emulated": emulated,
+            "tags": {"device": self.device},
+        }
 
 
 def connect(cfg: TVMArmConfig) -> Session:

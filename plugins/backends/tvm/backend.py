@@ -14,6 +14,7 @@ bounds let the schedules split loops without tails.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.api import HarnessError, InferenceProgram
+from harness.api import BackendBase, HarnessError, InferenceProgram, sample_draws
 from plugins.backends.tvm import TVMArmConfig, TVMConfig
 
 PATHS = ("auto", "gaussian", "generic")
@@ -39,15 +40,49 @@ def host_target(mcpu: str = ""):
     if not codegen.llvm_is_valid_cpu(cpu, codegen.llvm_get_system_triple()):
         raise HarnessError(f"backend.mcpu '{cpu}' is not a CPU this LLVM knows")
     # num-cores: MetaSchedule sizes its parallel loops by it and refuses a target without it
-    cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    cores = available_cores()
     return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": cores})
 
 
 def lanes(target) -> int:
-    """float32 lanes of the target's vector registers (AVX-512: 16, NEON: 4)."""
+    """float32 lanes of the target's vector registers (AVX-512: 16, AVX2: 8, NEON: 4).
+
+    From the target's features, not `llvm_get_vector_width`: that says 512 bits for every
+    x86 CPU, and 16-lane tiles on an AVX2 CPU split into 8+2 lanes with shuffles and spills.
+    """
     from tvm.target import codegen
 
-    return max(1, codegen.llvm_get_vector_width(target) // 32)
+    if codegen.target_has_features("avx512f", target):
+        return 16
+    if codegen.target_has_features("avx2", target) or codegen.target_has_features("avx", target):
+        return 8
+    return 4  # NEON, SSE and anything else with 128-bit vectors
+
+
+def available_cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+# TVM sizes its (thread-local) pool once, on first use, from TVM_NUM_THREADS or else half
+# the logical CPUs; later reconfiguration can only use fewer. So the pool is made as large
+# as the machine before TVM starts one, and each executable picks its count per call.
+os.environ.setdefault("TVM_NUM_THREADS", str(available_cores()))
+_threads_now = [0]
+
+
+def thread_count(cfg: TVMConfig) -> int:
+    if cfg.threads < 0:
+        raise HarnessError(f"backend.threads must be 0 (all cores) or positive, got {cfg.threads}")
+    return cfg.threads or available_cores()
+
+
+def use_threads(n: int) -> None:
+    """Resize TVM's thread pool of the calling thread to n workers (a no-op when it is)."""
+    import tvm
+
+    if _threads_now[0] != n:
+        tvm.get_global_func("runtime.config_threadpool")(1, n)
+        _threads_now[0] = n
 
 
 def to_torch(out: Any) -> Any:
@@ -79,6 +114,8 @@ class TVMExecutable:
         self.info.setdefault("compile_s", 0.0)
         self.info.setdefault("trials", 0)
         self.info.setdefault("tuned_tasks", 0)
+        self.info.setdefault("tasks", 0)  # metaschedule: workloads in the builds
+        self.info.setdefault("applied", 0)  # metaschedule: kernels built from a record
 
     def __call__(self, x: Tensor) -> Any:
         run = self._runners.get(x.shape[0])
@@ -92,8 +129,21 @@ class TVMExecutable:
         return self.info | {"batch_sizes_built": sorted(self._runners)}
 
 
-class TVMBackend:
+class TVMBackend(BackendBase):
     name = "tvm"
+
+    def check(self, cfg: TVMConfig) -> None:
+        """Options, before anything trains; the target (mcpu) is checked when it is built."""
+        if importlib.util.find_spec("tvm") is None:
+            raise HarnessError(f"backend={self.name} needs TVM: pip install 'bnn-harness[tvm]'")
+        from plugins.backends.tvm import tuning
+
+        if cfg.path not in PATHS:
+            raise HarnessError(f"backend.path must be one of {', '.join(PATHS)}, got '{cfg.path}'")
+        tuning.check_mode(cfg.tune)
+        if cfg.trials < 0:
+            raise HarnessError(f"backend.trials must be >= 0, got {cfg.trials}")
+        thread_count(cfg)
 
     def target(self, cfg: TVMConfig):
         return host_target(cfg.mcpu)
@@ -110,6 +160,8 @@ class TVMBackend:
             "tuning": cfg.tune,
             "path": path,
             "noise": "none" if path == "gaussian" else "sampled by torch per call, fed as inputs",
+            "threads": thread_count(cfg),
+            "lanes": lanes(target),
         }
         exe = TVMExecutable(lambda x: self._build(program, x, path, target, cfg, info), info)
         exe(example)  # build the example's batch size now: fail here, not mid-evaluation
@@ -120,8 +172,8 @@ class TVMBackend:
         from plugins.backends.tvm import generic, lowering, schedules
 
         if path == "gaussian":
-            mod = lowering.to_relax(program.moment_ops(), tuple(x.shape))
             width = lanes(target)
+            mod = lowering.to_relax(program.moment_ops(), tuple(x.shape), pad_to=width)
             return mod, (lambda m: schedules.schedule_module(m, width)), []
         mod, draws = generic.to_relax(program, x)
         return mod, None, draws
@@ -137,24 +189,39 @@ class TVMBackend:
         )
         info["trials"] += built.trials
         info["tuned_tasks"] += built.tuned_tasks
+        info["tasks"] += built.tasks
+        info["applied"] += built.applied
         if built.database:
             info["database"] = built.database
         return self.runner(ex, draws, cfg, info)
+
+    def export(
+        self, program: InferenceProgram, example: Tensor, cfg: TVMConfig, out: Path
+    ) -> dict[str, Any]:
+        """Deployable artefact (Backend.export): this host's library and a numpy+TVM runner."""
+        from plugins.backends.tvm import export
+
+        ex, draws, target = export.build(self, program, example, cfg)
+        return export.write(ex, draws, target, Path(out), None)
 
     def runner(self, ex, draws, cfg: TVMConfig, info) -> Runner:
         import tvm
         from tvm import relax
 
+        threads = thread_count(cfg)
         vm = relax.VirtualMachine(ex, tvm.cpu())
-        return _runner(vm["main"], draws, lambda a: tvm.runtime.tensor(a, tvm.cpu()))
+        put = lambda a: tvm.runtime.tensor(a, tvm.cpu())  # noqa: E731
+        return _runner(vm["main"], draws, put, lambda: use_threads(threads))
 
 
-def _runner(fn, draws, put) -> Runner:
+def _runner(fn, draws, put, before: Callable[[], None] | None = None) -> Runner:
     """Fresh noise per call (inside the timed call), then the compiled function."""
 
     def run(x: Tensor) -> Any:
+        if before is not None:
+            before()
         args = [put(x.detach().contiguous().numpy())]
-        args += [put(d.sample().numpy()) for d in draws]
+        args += [put(noise.numpy()) for noise in sample_draws(draws)]
         return to_torch(fn(*args))
 
     return run
@@ -169,28 +236,39 @@ class TVMArmBackend(TVMBackend):
         return arm.target(cfg.mcpu, cfg.cores)
 
     def export(
-        self, program: InferenceProgram, example: Tensor, cfg: TVMArmConfig, directory: Path
-    ) -> Path:
-        """Build for the example's batch size and export the aarch64 library; no board needed."""
-        from plugins.backends.tvm import arm, tuning
+        self, program: InferenceProgram, example: Tensor, cfg: TVMArmConfig, out: Path
+    ) -> dict[str, Any]:
+        """The aarch64 library for the example's batch size and its runner; no board needed."""
+        from plugins.backends.tvm import arm, export
 
-        tuning.check_mode(cfg.tune)
         arm.check_compiler(cfg.cc)
-        path, target = choose_path(program, cfg.path), self.target(cfg)
-        mod, schedule, _ = self._module(program.eval(), example, path, target, cfg)
-        ex, _ = tuning.build(
-            mod, target, cfg.tune, schedule=schedule, trials=cfg.trials, tuning_dir=cfg.tuning_dir
-        )
-        return arm.export(ex, Path(directory) / f"bnn_b{example.shape[0]}.so", cfg.cc)
+        ex, draws, target = export.build(self, program, example, cfg)
+        return export.write(ex, draws, target, Path(out), cfg.cc)
 
     def compile(
         self, program: InferenceProgram, example: Tensor, cfg: TVMArmConfig
     ) -> TVMExecutable:
         from plugins.backends.tvm import arm
 
-        self.session = arm.connect(cfg)
-        exe = super().compile(program, example, cfg)
-        exe.info |= self.session.describe()
+        # One session per executable; a server serves one session at a time, so the
+        # previous executable of this backend is closed before the next one connects.
+        previous = getattr(self, "_close", None)
+        if previous is not None:
+            previous()
+        session = self.session = arm.connect(cfg)
+        try:
+            exe = super().compile(program, example, cfg)
+        except BaseException:
+            session.close()
+            raise
+        exe.info |= session.describe()
+
+        def close() -> None:
+            exe._runners.clear()  # the remote VMs hold the session open
+            session.close()
+            self._close = None
+
+        exe.close = self._close = close
         return exe
 
     def runner(self, ex, draws, cfg: TVMArmConfig, info) -> Runner:

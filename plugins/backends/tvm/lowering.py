@@ -3,6 +3,13 @@
 Shapes are static: the batch size is part of the module, so every loop bound is known
 to the schedules and to MetaSchedule (which does not tune symbolic shapes); the backend
 builds one module per batch size it meets and caches it.
+
+Widths padded to the vector length: a dense layer's outputs are zero-padded to a multiple
+of `pad_to` (zero weight columns and biases; the next layer gets zero weight rows for
+them), so a 100-wide layer runs as 112 clean 16-lane (or 8-lane) tiles instead of tiles
+of 10 or 5 lanes that the CPU splits with shuffles. Padded units carry mean ~0 and
+variance 0 through ReLU and are sliced off at the end. Flatten is a Relax reshape (a view
+of the row-major buffer), not a copy.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import torch
 import tvm
 from tvm import relax
 
-from harness.api import MOMENT_OPS, HarnessError, MomentOp
+from harness.api import MOMENT_INPUT, MOMENT_OPS, HarnessError, MomentOp
 from plugins.backends.tvm import gaussian_ops as g
 
 # The Relax function's name in every module we build; callers look it up by this name.
@@ -31,14 +38,27 @@ def _need(op: MomentOp, *names: str) -> list[torch.Tensor]:
     return [op.tensors[n] for n in names]
 
 
-def _weights(op: MomentOp, transpose: bool) -> list[relax.Constant]:
-    """Mean, E[w^2] and variance of the weights, then bias mean and variance."""
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _weights(op: MomentOp, transpose: bool, rows: int = 0, cols: int = 0) -> list[relax.Constant]:
+    """Mean, E[w^2] and variance of the weights, then bias mean and variance.
+
+    Dense ([in, out] after the transpose): zero-padded to `rows` inputs and `cols` outputs.
+    """
     mean_w, var_w, mean_b, var_b = _need(op, "mean_w", "var_w", "mean_b", "var_b")
     e2 = mean_w * mean_w + var_w
     ws = [mean_w, e2, var_w]
+    bs = [mean_b, var_b]
     if transpose:
-        ws = [w.t() for w in ws]
-    return [*(_const(w) for w in ws), _const(mean_b), _const(var_b)]
+        ws = [w.detach().t() for w in ws]
+        fan_in, fan_out = ws[0].shape
+        pad_in, pad_out = max(0, rows - fan_in), max(0, cols - fan_out)
+        if pad_in or pad_out:
+            ws = [torch.nn.functional.pad(w, (0, pad_out, 0, pad_in)) for w in ws]
+            bs = [torch.nn.functional.pad(b.detach(), (0, pad_out)) for b in bs]
+    return [*(_const(w) for w in ws), *(_const(b) for b in bs)]
 
 
 def _check_first(op: MomentOp, deterministic: bool) -> None:
@@ -47,12 +67,20 @@ def _check_first(op: MomentOp, deterministic: bool) -> None:
         raise HarnessError(f"MomentOp '{op.op}' says first=True but its input carries variance")
 
 
-def _emit_op(bb: relax.BlockBuilder, op: MomentOp, m: relax.Expr, v: relax.Expr | None):
+def _shape(x: relax.Expr) -> list[int]:
+    return [int(d) for d in x.ty.shape]
+
+
+def _emit_op(
+    bb: relax.BlockBuilder, op: MomentOp, m: relax.Expr, v: relax.Expr | None, pad_to: int
+):
     """Emit one operator; returns the new (mean, variance) Relax values."""
     name = op.op
     if name == "dense":
         _check_first(op, v is None)
-        args, fn = _weights(op, transpose=True), g.dense
+        fan_out = int(_need(op, "mean_w")[0].shape[0])
+        rows, cols = _shape(m)[-1], _round_up(fan_out, pad_to)
+        args, fn = _weights(op, transpose=True, rows=rows, cols=cols), g.dense
     elif name == "conv2d":
         _check_first(op, v is None)
         args = _weights(op, transpose=False)
@@ -67,12 +95,37 @@ def _emit_op(bb: relax.BlockBuilder, op: MomentOp, m: relax.Expr, v: relax.Expr 
         args = []
         fn = lambda m, v: pool(m, v, kernel, stride)  # noqa: E731
     elif name == "batchnorm":
-        args, fn = [_const(t) for t in _need(op, "scale", "shift")], g.batchnorm
+        width = _shape(m)[1]
+        args = [
+            _const(torch.nn.functional.pad(t.detach(), (0, width - t.shape[0])))
+            for t in _need(op, "scale", "shift")
+        ]
+        fn = g.batchnorm
     elif name == "flatten":
-        args, fn = [], g.flatten
+        flat = [_shape(m)[0], -1]
+        out_m = bb.emit(relax.op.reshape(m, flat))
+        return out_m, None if v is None else bb.emit(relax.op.reshape(v, flat))
     else:
         raise HarnessError(f"unknown MomentOp '{name}'; valid: {', '.join(MOMENT_OPS)}")
     return _emit_pair(bb, fn, name, m, v, args)
+
+
+def _emit_add(bb: relax.BlockBuilder, a: tuple, b: tuple):
+    """Residual add: means add, variances add (independent branches, the mean-field
+    assumption of harness.moments.add). Dense outputs may be zero-padded to different
+    widths; padded units are exactly 0 with variance 0, so the narrower side is padded."""
+    (m1, v1), (m2, v2) = a, b
+    w1, w2 = _shape(m1)[-1], _shape(m2)[-1]
+    if w1 != w2 and len(_shape(m1)) == 2:
+        pad = lambda t, n: bb.emit(relax.op.nn.pad(t, [0, 0, 0, n]))  # noqa: E731
+        if w1 < w2:
+            m1, v1 = pad(m1, w2 - w1), None if v1 is None else pad(v1, w2 - w1)
+        else:
+            m2, v2 = pad(m2, w1 - w2), None if v2 is None else pad(v2, w1 - w2)
+    m = bb.emit(relax.op.add(m1, m2))
+    if v1 is None or v2 is None:
+        return m, v2 if v1 is None else v1
+    return m, bb.emit(relax.op.add(v1, v2))
 
 
 def _emit_pair(bb, fn, name, m, v, args):
@@ -98,16 +151,39 @@ def _emit_pair(bb, fn, name, m, v, args):
     return bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))
 
 
-def to_relax(ops: list[MomentOp], input_shape: tuple[int, ...]) -> tvm.IRModule:
-    """The program for a deterministic input of `input_shape` (batch first)."""
+def _logical_width(ops: list[MomentOp]) -> int | None:
+    """The output width of the last dense layer when it is the last layer that sets one."""
+    for op in reversed(ops):
+        if op.op == "dense":
+            return int(_need(op, "mean_w")[0].shape[0])
+        if op.op in ("conv2d", "flatten", "maxpool2d", "avgpool2d"):
+            return None
+    return None
+
+
+def to_relax(ops: list[MomentOp], input_shape: tuple[int, ...], pad_to: int = 1) -> tvm.IRModule:
+    """The program for a deterministic input of `input_shape` (batch first).
+
+    pad_to: the vector length that dense widths are padded to (1: no padding).
+    """
     if not ops:
         raise HarnessError("the moment program is empty")
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([int(d) for d in input_shape], "float32"))
     with bb.function(ENTRY, [x]):
-        m, v = x, None
-        for op in ops:
-            m, v = _emit_op(bb, op, m, v)
+        # MomentOp.inputs: an op without them takes the previous output (a chain).
+        env, last = {MOMENT_INPUT: (x, None)}, MOMENT_INPUT
+        for i, op in enumerate(ops):
+            args = [env[n] for n in op.inputs] if op.inputs else [env[last]]
+            last = op.name or f"%{i}"
+            add = op.op == "add"
+            env[last] = _emit_add(bb, *args) if add else _emit_op(bb, op, *args[0], pad_to)
+        m, v = env[last]
+        width = _logical_width(ops)
+        if width is not None and _shape(m)[-1] != width:  # drop the padded outputs
+            m = bb.emit(relax.op.strided_slice(m, axes=[1], begin=[0], end=[width]))
+            if v is not None:
+                v = bb.emit(relax.op.strided_slice(v, axes=[1], begin=[0], end=[width]))
         if v is None:  # no op carried variance: the output is deterministic
             v = bb.emit_te(g.zeros_like, m, primfunc_name_hint="zeros")
         out = bb.emit(relax.Tuple([m, v]))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import tvm
 import tvm_ffi
-from tvm import relax
+from tvm import relax, tirx
 
 from harness.api import HarnessError
 
@@ -41,6 +41,7 @@ class BuildInfo:
     tuned_tasks: int = 0  # tasks searched in this build (0 when the database had them all)
     trials: int = 0  # measured candidates added to the database by this build
     database: str = ""
+    applied: int = 0  # PrimFuncs built from a tuning record (metaschedule)
 
 
 def check_mode(mode: str) -> None:
@@ -143,23 +144,115 @@ def _metaschedule(
         # Thread counts given explicitly: MetaSchedule's own defaults need psutil, and the
         # XGBoost cost model needs xgboost; without it the search samples at random.
         workers = os.cpu_count() or 1
+        # MetaSchedule rebuilds its logging config on every call from the handlers its
+        # logger holds; a handler without a name (left by a previous call under pytest's
+        # log capture) crashes that rebuild, so a second tuning in one process failed.
+        ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+        for handler in list(ms_logger.handlers):
+            ms_logger.removeHandler(handler)
+            handler.close()
         contexts, weights = ri.extracted_tasks_to_tune_contexts(
             todo, str(work / "logs"), num_threads=workers, seed=0
         )
         per_task = max(1, -(-trials // len(todo)))  # every workload gets its share
-        ms.tune.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=str(work / "logs"),
-            max_trials_global=per_task * len(todo),
-            max_trials_per_task=per_task,
-            num_trials_per_iter=min(per_task, 16),
-            builder=ms.builder.LocalBuilder(max_workers=workers, initializer=skip_gpu_intrinsics),
-            runner=ms.runner.LocalRunner(),
-            database=db,
-            cost_model="xgb" if importlib.util.find_spec("xgboost") else "random",
-        )
+        # The runner keeps a worker process (`tvm.exec.popen_worker`) until its pool is shut
+        # down; left to garbage collection it outlived the command that started it.
+        runner = ms.runner.LocalRunner()
+        try:
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=str(work / "logs"),
+                max_trials_global=per_task * len(todo),
+                max_trials_per_task=per_task,
+                num_trials_per_iter=min(per_task, 16),
+                builder=ms.builder.LocalBuilder(
+                    max_workers=workers, initializer=skip_gpu_intrinsics
+                ),
+                runner=runner,
+                database=db,
+                cost_model="xgb" if importlib.util.find_spec("xgboost") else "random",
+            )
+        finally:
+            runner.pool.shutdown(wait=True)
         info.trials = len(db.get_all_tuning_records()) - before
         tried_file.write_text(json.dumps(sorted(tried | {key(t) for t in todo})))
         print(f"[tvm] tuning done: {info.trials} trials recorded", file=sys.stderr, flush=True)
-    return ri.compile_relax(db, mod, target, None)
+    return _compile_with_records(db, mod, target, info)
+
+
+def _task_key(func: tirx.PrimFunc) -> tvm.IRModule:
+    """A fused PrimFunc as MetaSchedule stored its task: the build pipeline adds an
+    `op_pattern` attribute that extracted tasks lack (with `global_symbol` "main" instead),
+    and records are keyed by a structural hash that includes attributes; TVM's own
+    `compile_relax` therefore finds no record and builds the untuned module."""
+    func = func.without_attr("op_pattern").with_attr("global_symbol", "main")
+    return tvm.IRModule({"main": func})
+
+
+def apply_records(db, target: tvm.target.Target, mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """Every fused PrimFunc with a record replaced by its tuned schedule; (module, hits)."""
+    out, hits = {}, 0
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            sch = db.query_schedule(_task_key(func), target, gv.name_hint)
+            if sch is not None:
+                func = sch.mod["main"].with_attrs(
+                    {"global_symbol": gv.name_hint, "tirx.is_scheduled": True}
+                )
+                hits += 1
+        out[gv] = func
+    return tvm.IRModule(out, attrs=mod.attrs), hits
+
+
+def _lower_passes(target: tvm.target.Target) -> list:
+    """The default pipeline's lowering for this target; compile_relax's fallback for CPU
+    targets, whose backend module has no pass lists of its own in TVM 0.27."""
+    from tvm.relax import pipeline
+
+    try:
+        return pipeline.dataflow_lower_passes(target) + pipeline.finalize_passes(target)
+    except (ValueError, AttributeError):
+        t = relax.transform
+        return [
+            t.RewriteDataflowReshape(),
+            t.ToNonDataflow(),
+            t.RemovePurityChecking(),
+            t.CallTIRRewrite(),
+            t.StaticPlanBlockMemory(),
+            t.LowerAllocTensor(),
+            t.KillAfterLastUse(),
+            t.LowerRuntimeBuiltin(),
+            t.ComputePrimValue(),
+            t.VMShapeLower(),
+            t.AttachGlobalSymbol(),
+        ]
+
+
+def _compile_with_records(
+    db, mod: tvm.IRModule, target: tvm.target.Target, info: BuildInfo
+) -> relax.VMExecutable:
+    """compile_relax's pipeline (same fusion as task extraction, so the workloads match),
+    with the records applied by `apply_records`; the count of hits goes to `info`."""
+    from tvm.relax import pipeline
+
+    @tvm.transform.module_pass(opt_level=3, name="ApplyTuningRecords")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        try:
+            dispatch = pipeline.library_dispatch_passes(target)
+        except (ValueError, AttributeError):
+            dispatch = []
+        fuse = [
+            *dispatch,
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+        mod = tvm.transform.Sequential(fuse)(mod)
+        mod, info.applied = apply_records(db, target, mod)
+        return tvm.transform.Sequential(_lower_passes(target))(mod)
+
+    with target, tvm.transform.PassContext(opt_level=3):
+        return relax.build(mod, target=target, relax_pipeline=_pipeline)

@@ -10,6 +10,7 @@ through the moment program (training.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import pluggy
 from omegaconf import DictConfig, OmegaConf
@@ -19,11 +20,12 @@ from harness.api import (
     DataBundle,
     HarnessError,
     InferenceProgram,
+    MethodBase,
     NetFactory,
     Posterior,
     QuantSpec,
 )
-from plugins.methods.pfp.builder import build_ops, diagonal_moments
+from harness.api import moments as gops
 from plugins.methods.pfp.program import PFPProgram
 from plugins.methods.svi import SVIConfig, SVIFit
 
@@ -43,6 +45,9 @@ class PFPConfig:
     name: str = "pfp"
     train: bool = False
     fit: PFPFit = field(default_factory=PFPFit)
+    # A whole method config whose diagonal posterior to propagate (e.g.
+    # `method@method.base=imported`); None: SVI trained with `fit`.
+    base: Any = None
 
 
 def svi_node(fit: DictConfig) -> DictConfig:
@@ -52,19 +57,35 @@ def svi_node(fit: DictConfig) -> DictConfig:
 
 
 def make_program(posterior: Posterior, net_factory: NetFactory) -> PFPProgram:
-    net = net_factory().eval()
-    mu, var = diagonal_moments(posterior, net)
+    net = gops.load_buffers(posterior, net_factory().eval())
+    mu, var = gops.diagonal_moments(posterior, net)
     quant = QuantSpec.from_meta(posterior.meta)
     act_bits = quant.bits if quant is not None and quant.activations else None
-    return PFPProgram(build_ops(net, mu, var, quant), act_bits)
+    return PFPProgram(gops.build_ops(net, mu, var, quant), act_bits)
 
 
-class PFP:
+class PFP(MethodBase):
     name = "pfp"
     base = "svi"
+    fit_options = ()  # train picks the base; objective lives in fit
 
-    def base_config(self, cfg: DictConfig) -> DictConfig | None:
-        return None if cfg.train else svi_node(cfg.fit)
+    def base_config(self, cfg: DictConfig) -> tuple[str, DictConfig] | None:
+        if cfg.train:
+            return None
+        node = cfg.get("base")
+        return (node.name, node) if node is not None else (self.base, svi_node(cfg.fit))
+
+    def check(self, cfg: DictConfig) -> None:
+        objectives = ("mc", "probit")
+        if cfg.train and cfg.fit.objective not in objectives:
+            raise HarnessError(
+                f"method.fit.objective={cfg.fit.objective!r} is not valid for pfp; "
+                f"valid values: {', '.join(objectives)}"
+            )
+        if cfg.train and cfg.fit.logit_samples <= 0:
+            raise HarnessError(
+                f"method.fit.logit_samples must be positive, got {cfg.fit.logit_samples}"
+            )
 
     def fit(
         self,

@@ -1,4 +1,5 @@
-"""PFPProgram: a MomentOp list run by the PyTorch operators of ops.py.
+"""PFPProgram: a MomentOp program (a chain, or a graph with residual adds) run by the
+PyTorch operators of harness/moments.py.
 
 The list is the program: moment_ops() hands the very same ops to a backend with its own
 Gaussian operators (TVM), so both execute one graph and must agree to float32 tolerance.
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from harness.api import MOMENT_OPS, HarnessError, InferenceProgram, MomentOp, fake_quant
-from plugins.methods.pfp import ops as gops
+from harness.api import moments as gops
 
 
 class PFPProgram(InferenceProgram):
@@ -28,6 +29,7 @@ class PFPProgram(InferenceProgram):
             if op.op not in gops.OPS:
                 valid = ", ".join(MOMENT_OPS)
                 raise HarnessError(f"unknown moment op '{op.op}'; valid ops: {valid}")
+        gops.check_graph(ops)
         self.ops = ops
         self.act_bits = act_bits
         # Buffers so .to(device) and state_dict() see the tensors; ops share their storage.
@@ -38,11 +40,13 @@ class PFPProgram(InferenceProgram):
     def moment_ops(self) -> list[MomentOp] | None:
         return None if self.act_bits else self.ops
 
+    def _step(self, i: int, op: MomentOp, args: list[gops.Moments]) -> gops.Moments:
+        tensors = {k: getattr(self, f"op{i}_{k}") for k in op.tensors}
+        mean, var = gops.OPS[op.op](*[t for pair in args for t in pair], **tensors, **op.attrs)
+        if self.act_bits and op.op == "relu":
+            mean = fake_quant(mean, self.act_bits, dim=0)
+        return mean, var
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, var = x, None
-        for i, op in enumerate(self.ops):
-            tensors = {k: getattr(self, f"op{i}_{k}") for k in op.tensors}
-            mean, var = gops.OPS[op.op](mean, var, **tensors, **op.attrs)
-            if self.act_bits and op.op == "relu":
-                mean = fake_quant(mean, self.act_bits, dim=0)
+        mean, var = gops.run_graph(self.ops, x, self._step)
         return mean, torch.zeros_like(mean) if var is None else var

@@ -22,10 +22,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from harness.api import DataBundle, HarnessError, NetFactory, Posterior
-from plugins.methods import training
-from plugins.methods.pfp import ops as gops
-from plugins.methods.pfp.builder import build_ops
+from harness.api import DataBundle, HarnessError, NetFactory, Posterior, training
+from harness.api import moments as gops
 from plugins.methods.svi import MeanField, SVIFit
 
 OBJECTIVES = ("mc", "probit")
@@ -34,7 +32,7 @@ OBJECTIVES = ("mc", "probit")
 def moments(q: MeanField, x: Tensor) -> tuple[Tensor, Tensor]:
     """Gaussian logits of the current posterior; ops are rebuilt so gradients reach mu, rho."""
     mu, sigma = q.moments()
-    return gops.run(build_ops(q.net, mu, {k: s * s for k, s in sigma.items()}), x)
+    return gops.run(gops.build_ops(q.net, mu, {k: s * s for k, s in sigma.items()}), x)
 
 
 def probit_log_probs(mean: Tensor, var: Tensor) -> Tensor:

@@ -13,13 +13,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from harness.api import DataBundle, HarnessError, InferenceProgram, NetFactory, Posterior
+from harness.api import (
+    DataBundle,
+    FitConfig,
+    HarnessError,
+    InferenceProgram,
+    MethodBase,
+    NetFactory,
+    Posterior,
+)
 
 # The MAP network comes from the built-in `deterministic` method (the runner fits it, or
 # reads it from the cache, because `base` below names it). Its training settings are the
-# built-in FitConfig, imported as from any library, so a plain `method=deterministic` run
-# and this method share one cached network.
-from plugins.methods.training import FitConfig
+# built-in FitConfig (the shared training loop's, from harness.api), so a plain
+# `method=deterministic` run and this method share one cached network.
 
 T_RANGE = (0.05, 20.0)
 
@@ -73,9 +80,17 @@ class Scaled(InferenceProgram):
         return (self.net(x) * self.inv_t).unsqueeze(0)
 
 
-class TemperatureScaling:
+class TemperatureScaling(MethodBase):
+    """Inherits MethodBase for the optional members' defaults (fit_options, base_config)."""
+
     name = "temperature"
     base = "deterministic"
+    fit_options = ("max_iter",)  # outside `fit`, yet it changes the fitted temperature
+
+    def check(self, cfg: TemperatureConfig) -> None:
+        """Runs before the MAP network trains, so a bad option costs nothing."""
+        if cfg.max_iter <= 0:
+            raise HarnessError(f"method.max_iter must be positive, got {cfg.max_iter}")
 
     def fit(
         self,
@@ -86,8 +101,6 @@ class TemperatureScaling:
     ) -> Posterior:
         if base is None:
             raise HarnessError("method 'temperature' needs the deterministic posterior as base")
-        if cfg.max_iter <= 0:
-            raise HarnessError(f"method.max_iter must be positive, got {cfg.max_iter}")
         x, y = data.val
         with torch.no_grad():
             logits = load_net(base, net_factory)(x)

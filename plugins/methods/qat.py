@@ -23,13 +23,14 @@ from harness.api import (
     DataBundle,
     HarnessError,
     InferenceProgram,
+    MethodBase,
     NetFactory,
     Posterior,
     check_bits,
     fake_quant,
     log_quant,
+    training,
 )
-from plugins.methods import training
 from plugins.methods.svi import MeanField, QuantReLU, SampledWeights, SVIConfig, predictive_nll
 
 
@@ -84,14 +85,19 @@ def check_qat_bits(bits: int) -> None:
         ) from None
 
 
-class SVIQAT:
+class SVIQAT(MethodBase):
     name = "svi_qat"
     base = "svi"
+    fit_options = ()  # QAT settings live in fit
 
-    def base_config(self, cfg: SVIQATConfig) -> Any:
-        """Checked here, before the base trains: QAT needs a b-bit quantizer to aim at."""
+    def check(self, cfg: SVIQATConfig) -> None:
+        """Before the base trains: QAT needs a b-bit quantizer to aim at."""
         check_qat_bits(cfg.fit.bits)
-        return cfg.base
+        if cfg.samples <= 0:
+            raise HarnessError(f"method.samples must be positive, got {cfg.samples}")
+
+    def base_config(self, cfg: SVIQATConfig) -> tuple[str, Any]:
+        return cfg.base.name, cfg.base
 
     def fit(
         self, net_factory: NetFactory, data: DataBundle, cfg: SVIQATConfig, base: Posterior | None
