@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
-	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[launchers,laplace,tvm,onnx,dev,cluster]"
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[launchers,laplace,tvm,onnx,dev,cluster,import]"
 	# laplace-torch and backpack list torchvision but import it only in examples; PyPI's
 	# torchvision cannot load beside the CPU torch wheel, and torchmetrics imports it
 	# whenever it is installed, so it goes.
