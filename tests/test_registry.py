@@ -24,7 +24,7 @@ BUILTINS = {
         "laplace",
         "swag",
     },
-    "backend": {"torch", "torch_compile", "tvm", "tvm_arm"},
+    "backend": {"torch", "torch_compile", "tvm", "tvm_arm", "onnxruntime"},
     "dataset": {"dirty_digits", "mnist", "fashion_mnist", "dirty_mnist", "regression1d"},
     "model": {"mlp", "lenet5"},
     "quantizer": {"none", "vpq", "spq", "jq"},
@@ -45,7 +45,7 @@ def test_unknown_name_lists_valid_ones() -> None:
         registry.default().get("method", "bogus")
     message = str(err.value)
     assert "unknown method 'bogus'" in message
-    assert "deterministic, ensemble, laplace, linearised, mc_dropout, pfp, svi" in message
+    assert "deterministic, ensemble, imported, laplace, linearised, mc_dropout, pfp, svi" in message
 
 
 def test_unknown_kind_lists_kinds() -> None:

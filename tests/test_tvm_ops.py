@@ -164,3 +164,75 @@ def test_inconsistent_first_flag_is_an_error() -> None:
     ]
     with pytest.raises(HarnessError, match="first=True"):
         TVMBackend().compile(PFPProgram(ops), torch.randn(2, 6), TVMConfig())
+
+
+def _tail_program(kind: str, mean: torch.Tensor, sd: float) -> PFPProgram:
+    """A first layer that passes `mean` through with variance sd^2, then ReLU or a max pool."""
+    if kind == "relu":
+        n = mean.shape[-1]
+        first = {"mean_w": torch.eye(n), "var_w": torch.zeros(n, n)}
+        first |= {"mean_b": torch.zeros(n), "var_b": torch.full((n,), sd * sd)}
+        return PFPProgram([MomentOp("dense", first, {"first": True}), MomentOp("relu")])
+    c = mean.shape[1]
+    first = {"mean_w": torch.eye(c).reshape(c, c, 1, 1), "var_w": torch.zeros(c, c, 1, 1)}
+    first |= {"mean_b": torch.zeros(c), "var_b": torch.full((c,), sd * sd)}
+    pool = MomentOp("maxpool2d", attrs={"kernel": 2, "stride": 2})
+    return PFPProgram([MomentOp("conv2d", first, {"first": True}), pool])
+
+
+def _relu_truth(z: float, sd: float) -> tuple[float, float]:
+    """ReLU moments of N(z sd, sd^2) in 60-digit arithmetic (mpmath comes with torch's sympy)."""
+    import mpmath
+
+    with mpmath.workdps(60):
+        z = mpmath.mpf(z)
+        cdf, pdf = mpmath.ncdf(z), mpmath.npdf(z)
+        g = z * cdf + pdf
+        return float(sd * g), float(sd * sd * (cdf + g * (z - g)))
+
+
+def test_relu_lower_tail_is_accurate_relative_to_its_size() -> None:
+    """Means 0 to 11 standard deviations below 0, where ReLU's moments shrink to 1e-30 of
+    the scale. Phi from 0.5 (1 + erf) was 0 or noise below about -5.5 sd (the mean off by
+    a factor 30 or more); from erfc on its own stage it keeps the relative error small.
+    float32 PyTorch's PFP (harness.moments, torch.special.ndtr) is checked beside it: TVM
+    must be at least as accurate wherever that is accurate, and accurate beyond it."""
+    from harness import moments
+
+    sd = 0.5
+    z = -torch.linspace(0.0, 11.0, 45)
+    x = (z * sd).reshape(1, -1)
+    exe = TVMBackend().compile(_tail_program("relu", x, sd), x, TVMConfig())
+    mean, var = exe(x)
+    eager_mean, eager_var = moments.relu(x, torch.full_like(x, sd * sd))
+    truth = torch.tensor([_relu_truth(float(zi), sd) for zi in x[0] / sd], dtype=torch.float64)
+
+    def rel(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return ((a[0].double() - ref) / ref).abs()
+
+    for got, eager, ref, tol in ((mean, eager_mean, truth[:, 0], 1e-3), (var, eager_var, truth[:, 1], 0.05)):
+        err, eager_err = rel(got, ref), rel(eager, ref)
+        worst = int(err.argmax())
+        assert err.max() < tol, f"relative error {err.max():.2e} at z={z[worst]:.2f}"
+        good = eager_err < 1e-5  # where float32 PyTorch is accurate (near the centre)
+        assert good[:4].all()
+        assert (err[good] < 1e-5).all()
+
+
+def test_max_pool_far_apart_inputs_are_as_accurate_as_float32_pytorch() -> None:
+    """Clark's max of window elements 3 to 11 sd apart, in both orders."""
+    from harness import moments
+
+    sd = 0.5
+    gap = torch.linspace(3.0, 11.0, 16) * sd * math.sqrt(2)
+    x = torch.zeros(1, 2, 4, 8)
+    x[0, 0, 0, 1::2] = gap[:4]
+    x[0, 0, 1, 0::2] = gap[4:8]
+    x[0, 1, 2, 0::2] = -gap[8:12]
+    x[0, 1, 3, 1::2] = -gap[12:]
+    x = x + 1.0
+    exe = TVMBackend().compile(_tail_program("pool", x, sd), x, TVMConfig())
+    mean, var = exe(x)
+    ref_mean, ref_var = moments.maxpool2d(x.double(), torch.full_like(x, sd * sd).double(), 2, 2)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=0)

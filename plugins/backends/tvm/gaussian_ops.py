@@ -63,53 +63,71 @@ def _horner(x, coeffs: tuple[float, ...]):
     return out
 
 
-# Eigen's float32 erf (as in TVM's topi.fast_erf): x P(x^2) / Q(x^2) on [-4, 4].
-_ERF_P = (
-    -2.72614225801306e-10,
-    2.77068142495902e-08,
-    -2.10102402082508e-06,
-    -5.69250639462346e-05,
-    -7.34990630326855e-04,
-    -2.95459980854025e-03,
-    -1.60960333262415e-02,
-)
-_ERF_Q = (
-    -1.45660718464996e-05,
-    -2.13374055278905e-04,
-    -1.68282697438203e-03,
-    -7.37332916720468e-03,
-    -1.42647390514189e-02,
+# Numerical Recipes' erfcc (W. J. Cody's form): erfc(x) = t exp(-x^2 + P(t)),
+# t = 1 / (1 + x / 2), x >= 0, fractional error below 1.2e-7 everywhere.
+_ERFC_T = (
+    0.17087277,
+    -0.82215223,
+    1.48851587,
+    -1.13520398,
+    0.27886807,
+    -0.18628806,
+    0.09678418,
+    0.37409196,
+    1.00002368,
+    -1.26551223,
 )
 # Cephes' expf: exp(x) = 2^n exp(r), r = x - n ln 2 split in two constants (Cody-Waite).
 _EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1)
-
-
-def _erf(x):
-    """erf as a rational polynomial, not LLVM's: `erff` and `llvm.exp` are scalar libm
-    calls that stop the vectoriser, and ReLU and Clark's max evaluate both per element."""
-    x = te.min(te.max(x, _f32(-4.0)), _f32(4.0))
-    x2 = x * x
-    return x * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
+_EXP_MIN = -87.33654  # ln of float32's smallest normal number: below it exp is 0 here
 
 
 def _exp(x):
-    """exp for x <= 0 as a polynomial times 2^n built from its exponent bits; 0 below -87."""
-    x = te.min(te.max(x, _f32(-87.0)), _f32(0.0))
-    n = tirx.floor(x * _f32(1.4426950408889634) + _f32(0.5))
-    r = x - n * _f32(0.693359375) - n * _f32(-2.12194440e-4)
+    """exp for x <= 0 as a polynomial times 2^n built from its exponent bits; 0 below
+    _EXP_MIN rather than a denormal (slow on x86). LLVM lowers exp and erf to scalar libm
+    calls per lane, which stop the vectoriser, and ReLU and Clark's max need them per
+    element."""
+    c = te.min(te.max(x, _f32(_EXP_MIN)), _f32(0.0))
+    n = tirx.floor(c * _f32(1.4426950408889634) + _f32(0.5))
+    r = c - n * _f32(0.693359375) - n * _f32(-2.12194440e-4)
     poly = (_horner(r, _EXP_P) * r + _f32(0.5)) * r * r + r + _f32(1.0)
     bits = tirx.shift_left(n.astype("int32") + 127, tirx.const(23, "int32"))
-    return poly * tirx.reinterpret("float32", bits)
+    return tirx.Select(x < _f32(_EXP_MIN), _f32(0.0), poly * tirx.reinterpret("float32", bits))
 
 
-def _gauss_terms(z):
-    """Phi(z), Phi(-z), phi(z) and the spread factor of the cancellation-free variance."""
-    e = _erf(z * _INV_SQRT2)
-    cdf = 0.5 * (1.0 + e)
-    cdf_neg = 0.5 * (1.0 - e)
-    pdf = _exp(-0.5 * z * z) * _INV_SQRT2PI
+def _tail_cdf(z):
+    """Phi(-|z|) = erfc(|z| / sqrt 2) / 2, accurate relative to its size deep in the tail,
+    where 0.5 (1 + erf(z / sqrt 2)) cancels to 0 or noise (z below about -5.5 in float32);
+    torch's ndtr, which the PyTorch PFP uses, keeps the tail the same way."""
+    x = te.abs(z) * _INV_SQRT2
+    t = 1.0 / (1.0 + 0.5 * x)
+    return 0.5 * t * _exp(_horner(t, _ERFC_T) - x * x)
+
+
+def gauss_stages(z_at, shape, name: str) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
+    """z, Phi(-|z|) and phi(z) as stages of their own, for the moment formulas to read.
+
+    Stages, not expressions: inlined, the erfc and exp polynomials were copied into every
+    use of Phi, Phi(-z) and phi in the variance formula, and the expressions grew until
+    LeNet took two minutes to compile. Read from a buffer, each is one load.
+    """
+    z = te.compute(shape, z_at, name=f"{name}_z")
+    tail, pdf = te.compute(
+        shape,
+        lambda *i: [_tail_cdf(z(*i)), _exp(-0.5 * z(*i) * z(*i)) * _INV_SQRT2PI],
+        name=f"{name}_tail",
+    )
+    return z, tail, pdf
+
+
+def _gauss_terms(z, tail, pdf):
+    """Phi(z), Phi(-z) and the spread factor of the cancellation-free variance, from the
+    loaded z, tail Phi(-|z|) and pdf: the tail side is the accurate one, the other 1 - it."""
+    neg = z < _f32(0.0)
+    cdf = tirx.Select(neg, tail, 1.0 - tail)
+    cdf_neg = tirx.Select(neg, 1.0 - tail, tail)
     spread = z * z * cdf * cdf_neg + z * pdf * (cdf_neg - cdf) - pdf * pdf
-    return cdf, cdf_neg, pdf, spread
+    return cdf, cdf_neg, spread
 
 
 def _zscore(num, den):
@@ -203,35 +221,44 @@ def relu(m: te.Tensor, v: te.Tensor | None) -> Pair:
     if v is None:
         return te.compute(m.shape, lambda *i: te.max(m(*i), tirx.const(0, m.dtype)), "relu"), None
 
+    def sd(*i):
+        return te.sqrt(te.max(v(*i), _f32(TINY)))
+
+    z, tail, pdf = gauss_stages(lambda *i: _zscore(m(*i), sd(*i)), m.shape, "relu")
+
     def moments(*i):
         mean, var = m(*i), v(*i)
-        s = te.sqrt(te.max(var, _f32(TINY)))
-        cdf, _, pdf, spread = _gauss_terms(_zscore(mean, s))
-        return [mean * cdf + s * pdf, _clamp(var * (cdf + spread))]
+        cdf, _, spread = _gauss_terms(z(*i), tail(*i), pdf(*i))
+        return [mean * cdf + sd(*i) * pdf(*i), _clamp(var * (cdf + spread))]
 
     out_m, out_v = te.compute(m.shape, moments, name="relu_gauss")
     return out_m, out_v
 
 
-def _clark(m1, v1, m2, v2):
-    """Moment match of max(X1, X2) for independent Gaussians (Clark 1961)."""
-    total = te.max(v1 + v2, _f32(TINY))
-    a = te.sqrt(total)
-    cdf, cdf_neg, pdf, spread = _gauss_terms(_zscore(m1 - m2, a))
-    mean = m1 * cdf + m2 * cdf_neg + a * pdf
-    return mean, _clamp(v1 * cdf + v2 * cdf_neg + total * spread)
+def _clark_stage(prev_m: te.Tensor, prev_v: te.Tensor, nm, nv, name: str):
+    """Moment match of max(X1, X2) for independent Gaussians (Clark 1961): X1 the fold so
+    far (a buffer), X2 the next window element (an index expression)."""
+    shape = prev_m.shape
+
+    def total(*i):
+        return te.max(prev_v(*i) + nv(*i), _f32(TINY))
+
+    z, tail, pdf = gauss_stages(
+        lambda *i: _zscore(prev_m(*i) - nm(*i), te.sqrt(total(*i))), shape, name
+    )
+
+    def fold(*i):
+        m1, v1, m2, v2 = prev_m(*i), prev_v(*i), nm(*i), nv(*i)
+        cdf, cdf_neg, spread = _gauss_terms(z(*i), tail(*i), pdf(*i))
+        mean = m1 * cdf + m2 * cdf_neg + te.sqrt(total(*i)) * pdf(*i)
+        return [mean, _clamp(v1 * cdf + v2 * cdf_neg + total(*i) * spread)]
+
+    return te.compute(shape, fold, name=name)
 
 
 def _pool_shape(x: te.Tensor, kernel: int, stride: int) -> tuple:
     n, c, h, w = x.shape
     return (n, c, (h - kernel) // stride + 1, (w - kernel) // stride + 1)
-
-
-def _fold_step(prev_m: te.Tensor, prev_v: te.Tensor, nm, nv):
-    def fold(b, c, y, x):
-        return list(_clark(prev_m[b, c, y, x], prev_v[b, c, y, x], nm(b, c, y, x), nv(b, c, y, x)))
-
-    return fold
 
 
 def maxpool2d(m: te.Tensor, v: te.Tensor | None, kernel: int, stride: int) -> Pair:
@@ -253,8 +280,8 @@ def maxpool2d(m: te.Tensor, v: te.Tensor | None, kernel: int, stride: int) -> Pa
     acc_m = te.compute(shape, window(m, *offsets[0]), name="pool_m0")
     acc_v = te.compute(shape, window(v, *offsets[0]), name="pool_v0")
     for step, (dy, dx) in enumerate(offsets[1:], 1):
-        fold = _fold_step(acc_m, acc_v, window(m, dy, dx), window(v, dy, dx))
-        acc_m, acc_v = te.compute(shape, fold, name=f"pool_max{step}")
+        nm, nv = window(m, dy, dx), window(v, dy, dx)
+        acc_m, acc_v = _clark_stage(acc_m, acc_v, nm, nv, f"pool_max{step}")
     return acc_m, acc_v
 
 

@@ -22,6 +22,8 @@ from tvm import s_tir, tirx
 
 INLINE = ("pool_m0", "pool_v0", "zero_var")
 ROW_BLOCK = 4  # batch rows per register tile: 4 rows x 2 accumulators x lanes fit the registers
+# a plain matmul/conv (one accumulator): 8 rows, measured best of 2-20 at 8 and 16 lanes
+PLAIN_ROW_BLOCK = 8
 BIAS = ("bias_m", "bias_v")
 
 
@@ -53,9 +55,16 @@ def _elementwise(sch: s_tir.Schedule, block, lanes: int) -> None:
         sch.vectorize(inner)
 
 
-def _reduction(sch: s_tir.Schedule, block, lanes: int, epilogues: list) -> None:
-    """Loops (spatial..., last spatial, reductions...) -> (parallel, tile, red..., lanes)."""
-    acc = [sch.cache_write(block, i, "local") for i in range(2)]
+def _reduction(
+    sch: s_tir.Schedule, block, lanes: int, epilogues: list, all_rows: bool = False
+) -> None:
+    """Loops (spatial..., last spatial, reductions...) -> (parallel, tile, red..., lanes).
+
+    all_rows: block the second-to-last spatial axis whatever the rank (batched matmul, conv
+    rows), not only for a 2-D dense, and with a single accumulator per output twice as
+    many rows (PLAIN_ROW_BLOCK). The tile is one vector register at most: wider tiles
+    (two or three registers per row) measured 2-4x slower, LLVM spilling them."""
+    acc = [sch.cache_write(block, i, "local") for i in range(len(sch.get(block).writes))]
     for epi in epilogues:
         sch.reverse_compute_inline(epi)
     loops = sch.get_loops(block)
@@ -66,11 +75,12 @@ def _reduction(sch: s_tir.Schedule, block, lanes: int, epilogues: list) -> None:
     vec = _divisor(_extent(sch, last), lanes)
     tile, lane = sch.split(last, [None, vec])
     lead, rows = spatial[:-1], []
-    if len(lead) == 1:  # dense: a block of batch rows shares every weight load
-        block_rows = _divisor(_extent(sch, lead[0]), ROW_BLOCK)
+    if lead and (len(lead) == 1 or all_rows):  # a block of rows shares every weight load
+        per_tile = PLAIN_ROW_BLOCK if len(acc) == 1 else ROW_BLOCK
+        block_rows = _divisor(_extent(sch, lead[-1]), per_tile)
         if block_rows > 1:
-            lead_out, row = sch.split(lead[0], [None, block_rows])
-            lead, rows = [lead_out], [row]
+            lead_out, row = sch.split(lead[-1], [None, block_rows])
+            lead, rows = [*lead[:-1], lead_out], [row]
     sch.reorder(*lead, tile, *reduce, *rows, lane)
     outer = sch.fuse(*lead, tile) if lead else tile
     for stage in acc:

@@ -68,7 +68,13 @@ def skip_gpu_intrinsics() -> None:
         sys.modules.setdefault(full, types.ModuleType(full))
 
 
-def _dlight(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def dlight(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    first: Callable[[tvm.IRModule], tvm.IRModule] | None = None,
+) -> tvm.IRModule:
+    """Fused as the default pipeline fuses, then `first` (our schedules for the kernels it
+    knows, marked scheduled), then DLight's CPU rules for the rest."""
     from tvm.s_tir import dlight as dl
 
     seq = [
@@ -80,6 +86,8 @@ def _dlight(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     ]
     with target:
         mod = tvm.transform.Sequential(seq)(mod)
+        if first is not None:
+            mod = first(mod)
         return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
 
 
@@ -100,7 +108,7 @@ def build(
         ex = _metaschedule(mod, target, trials, Path(tuning_dir), info)
     else:
         if mode == "default":
-            mod = schedule(mod) if schedule is not None else _dlight(mod, target)
+            mod = schedule(mod) if schedule is not None else dlight(mod, target)
         ex = tvm.compile(mod, target=target)
     info.seconds = time.perf_counter() - start
     return ex, info
