@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import platform
 import signal
 import subprocess
 import tempfile
@@ -30,6 +28,7 @@ import mlflow
 import numpy as np
 from mlflow.entities import Run
 
+from harness import machine
 from harness.api import HarnessError
 from harness.config import TrackingConfig
 
@@ -169,7 +168,7 @@ def git_commit() -> str:
 
 
 def hardware() -> str:
-    return f"{platform.machine()} {platform.processor() or platform.system()} x{os.cpu_count()}"
+    return machine.hardware()
 
 
 def finished_run(cfg: TrackingConfig, digest: str) -> str | None:

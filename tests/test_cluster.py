@@ -185,7 +185,7 @@ def test_launcher_concurrency_and_one_job_per_machine() -> None:
             return compose("config", overrides=list(overrides), return_hydra_config=True)
 
     speed = cfg("+experiment=speedup", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4")
-    assert concurrency.sweep_size(speed) == 24
+    assert concurrency.sweep_size(speed) == 32  # 8 methods x 4 backends
     assert concurrency.one_per_machine(speed) is None  # chosen on the command line: kept
     assert concurrency.launcher_limit(speed) == 4
     default = cfg("+experiment=speedup", "hydra/launcher=joblib")

@@ -210,7 +210,10 @@ def test_relu_lower_tail_is_accurate_relative_to_its_size() -> None:
     def rel(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         return ((a[0].double() - ref) / ref).abs()
 
-    for got, eager, ref, tol in ((mean, eager_mean, truth[:, 0], 1e-3), (var, eager_var, truth[:, 1], 0.05)):
+    for got, eager, ref, tol in (
+        (mean, eager_mean, truth[:, 0], 1e-3),
+        (var, eager_var, truth[:, 1], 0.05),
+    ):
         err, eager_err = rel(got, ref), rel(eager, ref)
         worst = int(err.argmax())
         assert err.max() < tol, f"relative error {err.max():.2e} at z={z[worst]:.2f}"

@@ -35,12 +35,20 @@ def _records(directory: Path) -> int:
     return sum(len(f.read_text().splitlines()) for f in files)
 
 
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One real tuning run (the slow part), shared by the tests that read its database."""
+    directory = tmp_path_factory.mktemp("tuning")
+    cfg = TVMConfig(tune="metaschedule", trials=2, tuning_dir=str(directory))
+    first = TVMBackend().compile(_program(0), torch.randn(3, 12), cfg)
+    return directory, first.describe()
+
+
 @pytest.mark.slow
-def test_second_build_reads_the_database_and_does_not_tune(tmp_path: Path) -> None:
+def test_second_build_reads_the_database_and_does_not_tune(tuned: tuple[Path, dict]) -> None:
+    tmp_path, info = tuned
     cfg = TVMConfig(tune="metaschedule", trials=2, tuning_dir=str(tmp_path))
     x = torch.randn(3, 12)
-    first = TVMBackend().compile(_program(0), x, cfg)
-    info = first.describe()
     assert info["tuned_tasks"] >= 2 and info["trials"] >= 1
     records = _records(tmp_path)
     assert records >= 1
@@ -68,7 +76,7 @@ def test_trial_budget_must_be_positive(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_records_change_the_built_kernels(tmp_path: Path) -> None:
+def test_records_change_the_built_kernels(tuned: tuple[Path, dict]) -> None:
     """The database lookup hits every fused kernel, and each hit replaces its TIR."""
     import tvm
     import tvm_ffi
@@ -78,8 +86,7 @@ def test_records_change_the_built_kernels(tmp_path: Path) -> None:
     from plugins.backends.tvm import lowering, tuning
     from plugins.backends.tvm.backend import host_target
 
-    cfg = TVMConfig(tune="metaschedule", trials=2, tuning_dir=str(tmp_path))
-    TVMBackend().compile(_program(0), torch.randn(3, 12), cfg)
+    tmp_path, _ = tuned
     target = host_target()
     db = ms.database.JSONDatabase(work_dir=str(tuning.database_dir(tmp_path, target)))
     mod = lowering.to_relax(_program(0).moment_ops(), (3, 12))

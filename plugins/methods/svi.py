@@ -89,9 +89,7 @@ def _at_means(path: str, layer: nn.Module, mu: dict[str, Tensor], *args, **kwarg
     return functional_call(layer, own, args, kwargs) if own else layer(*args, **kwargs)
 
 
-def lrt_forward(
-    net: nn.Module, mu: dict[str, Tensor], var: dict[str, Tensor], x: Tensor
-) -> Tensor:
+def lrt_forward(net: nn.Module, mu: dict[str, Tensor], var: dict[str, Tensor], x: Tensor) -> Tensor:
     """Sample pre-activations of linear/conv layers instead of weights (Kingma et al. 2015).
 
     An nn.Sequential is walked directly; any other network is traced with torch.fx (the

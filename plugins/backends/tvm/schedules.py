@@ -17,6 +17,8 @@ by a factor that divides its loop: no tail predicates that would block vectorisa
 
 from __future__ import annotations
 
+from typing import Any
+
 import tvm
 from tvm import s_tir, tirx
 
@@ -55,6 +57,27 @@ def _elementwise(sch: s_tir.Schedule, block, lanes: int) -> None:
         sch.vectorize(inner)
 
 
+def inline_epilogues(sch: Any, epilogues: list) -> None:
+    """Every block after a reduction folded into its output tile's write-back: a block
+    fed by the reduction is inlined into its producer, one that is not (a mask computed
+    from another input, as the linearised ReLU's `greater`) into its consumer first.
+    Raises (a ScheduleError) when some block fits neither way."""
+    todo = list(epilogues)
+    while todo:
+        left = []
+        for block in todo:
+            try:
+                sch.reverse_compute_inline(block)
+            except s_tir.ScheduleError:
+                try:
+                    sch.compute_inline(block)
+                except s_tir.ScheduleError:
+                    left.append(block)
+        if len(left) == len(todo):
+            raise s_tir.ScheduleError("an epilogue block cannot be inlined")
+        todo = left
+
+
 def _reduction(
     sch: s_tir.Schedule, block, lanes: int, epilogues: list, all_rows: bool = False
 ) -> None:
@@ -65,8 +88,11 @@ def _reduction(
     many rows (PLAIN_ROW_BLOCK). The tile is one vector register at most: wider tiles
     (two or three registers per row) measured 2-4x slower, LLVM spilling them."""
     acc = [sch.cache_write(block, i, "local") for i in range(len(sch.get(block).writes))]
-    for epi in epilogues:
-        sch.reverse_compute_inline(epi)
+    if all_rows:
+        inline_epilogues(sch, epilogues)
+    else:
+        for epi in epilogues:
+            sch.reverse_compute_inline(epi)
     loops = sch.get_loops(block)
     iters = sch.get(block).iter_vars
     spatial = [lp for lp, it in zip(loops, iters, strict=True) if it.iter_type == 0]
