@@ -393,6 +393,15 @@ class MethodBase(PluginBase):
             return node.name, node
         return None if self.base is None else (self.base, cfg)
 
+    def base_with_fit(self, cfg: Any) -> tuple[str, Any]:
+        """The fixed base's plain config with this method's `fit`: for methods whose own
+        options the base does not know (Laplace, SWAG), so the base's cache entry is shared."""
+        from omegaconf import OmegaConf
+
+        if self.base is None:
+            raise HarnessError(f"method '{self.name}' has no fixed base")
+        return self.base, OmegaConf.create({"name": self.base, "fit": cfg.fit})
+
 
 @runtime_checkable
 class Backend(Protocol):

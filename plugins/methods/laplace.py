@@ -17,7 +17,6 @@ from typing import Any
 
 import pluggy
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
@@ -426,8 +425,7 @@ class LaplaceMethod(MethodBase):
             )
 
     def base_config(self, cfg: Any) -> tuple[str, Any]:
-        """The plain deterministic config with this one's `fit`, so the MAP cache is shared."""
-        return self.base, OmegaConf.create({"name": self.base, "fit": cfg.fit})
+        return self.base_with_fit(cfg)
 
     def fit(
         self,
