@@ -80,7 +80,7 @@ def test_records_change_the_built_kernels(tuned: tuple[Path, dict]) -> None:
     """The database lookup hits every fused kernel, and each hit replaces its TIR."""
     import tvm
     import tvm_ffi
-    from tvm import relax, tirx
+    from tvm import tirx
     from tvm.s_tir import meta_schedule as ms
 
     from plugins.backends.tvm import lowering, tuning
@@ -90,15 +90,8 @@ def test_records_change_the_built_kernels(tuned: tuple[Path, dict]) -> None:
     target = host_target()
     db = ms.database.JSONDatabase(work_dir=str(tuning.database_dir(tmp_path, target)))
     mod = lowering.to_relax(_program(0).moment_ops(), (3, 12))
-    fuse = [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
     with target:
-        fused = tvm.transform.Sequential(fuse)(mod)
+        fused = tvm.transform.Sequential(tuning.fuse_passes())(mod)
     tuned, hits = tuning.apply_records(db, target, fused)
     kernels = [gv for gv, f in fused.functions.items() if isinstance(f, tirx.PrimFunc)]
     # a workload whose every candidate failed to build or run has no record to apply

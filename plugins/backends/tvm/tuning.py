@@ -68,6 +68,13 @@ def skip_gpu_intrinsics() -> None:
         sys.modules.setdefault(full, types.ModuleType(full))
 
 
+def fuse_passes() -> list:
+    """Legalize and fuse as TVM's default pipeline does: every path (DLight, task extraction,
+    the build that applies records) must fuse alike, or tuned workloads never match."""
+    t = relax.transform
+    return [t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(), t.FuseOps(), t.FuseTIR()]
+
+
 def dlight(
     mod: tvm.IRModule,
     target: tvm.target.Target,
@@ -77,15 +84,8 @@ def dlight(
     knows, marked scheduled), then DLight's CPU rules for the rest."""
     from tvm.s_tir import dlight as dl
 
-    seq = [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
     with target:
-        mod = tvm.transform.Sequential(seq)(mod)
+        mod = tvm.transform.Sequential(fuse_passes())(mod)
         if first is not None:
             mod = first(mod)
         return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
@@ -250,15 +250,7 @@ def _compile_with_records(
             dispatch = pipeline.library_dispatch_passes(target)
         except (ValueError, AttributeError):
             dispatch = []
-        fuse = [
-            *dispatch,
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-        ]
-        mod = tvm.transform.Sequential(fuse)(mod)
+        mod = tvm.transform.Sequential([*dispatch, *fuse_passes()])(mod)
         mod, info.applied = apply_records(db, target, mod)
         return tvm.transform.Sequential(_lower_passes(target))(mod)
 
