@@ -182,7 +182,9 @@ def seed_thresholds(table: pd.DataFrame) -> str:
     """Each scheme's threshold per seed, and its spread: one seed's threshold moved by two
     bits on another CPU (issue 12), so the claim is read from the spread, not one run."""
     rows = []
-    for (method, model), part in table[table["variant"] == ""].groupby(["method", "model"]):
+    for (method, model, data), part in table[table["variant"] == ""].groupby(
+        ["method", "model", "dataset"]
+    ):
         for scheme in SCHEMES:
             found = []
             for seed, runs in part.groupby("seed"):
@@ -203,6 +205,7 @@ def seed_thresholds(table: pd.DataFrame) -> str:
                 {
                     "method": method,
                     "model": model,
+                    "dataset": data,
                     "scheme": scheme,
                     "seeds": len(found),
                     "per seed": ", ".join(f"{s}: {b if b is not None else '-'}" for s, b in found),
@@ -221,13 +224,13 @@ def seed_thresholds(table: pd.DataFrame) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--uri", default="sqlite:///results/mlflow.db")
-    parser.add_argument("--experiment", default="bnn-harness")
+    parser.add_argument("--experiment", default="quantization")
     parser.add_argument("--out", type=Path, default=None, help="append to this markdown file")
     args = parser.parse_args()
     table, ood = load(args.uri, args.experiment)
     parts = []
     # The detailed tables show each model's first seed; the spread over seeds follows.
-    for _, per_model in table.groupby("model"):
+    for _, per_model in table.groupby(["dataset", "model"]):
         first = per_model[per_model["seed"] == per_model["seed"].min()].drop(columns="seed")
         folded, spread = fold_baseline(first)
         parts.append(render(folded, ood, spread))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 Call = Callable[[Tensor], object]
+WARM_S = 1.0
 
 
 @dataclass
@@ -59,8 +60,13 @@ def interleaved(fns: dict[str, Call], x: Tensor, cfg: TimingConfig) -> dict[str,
     if cfg.rounds <= 0 or cfg.warmup < 0:
         raise ValueError("timing.rounds must be positive and timing.warmup non-negative")
     for fn in fns.values():
+        start = time.perf_counter()
         for _ in range(cfg.warmup):
             fn(x)
+            # a call of a second or more has warmed caches and the allocator by itself; more
+            # warmup would only multiply the cost of slow references at large batches
+            if time.perf_counter() - start >= WARM_S:
+                break
     numbers = {k: _calls_for(fn, x, cfg.min_block_s) for k, fn in fns.items()}
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(cfg.rounds):

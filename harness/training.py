@@ -27,22 +27,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from harness.api import DataBundle, HarnessError
+from harness.api import TRAINING, DataBundle, HarnessError
 
 # loss(module, x, y, n_train) -> training loss; nll(module, x, y) -> mean validation NLL
 LossFn = Callable[[nn.Module, Tensor, Tensor, int], Tensor]
 NllFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
-__all__ = [
-    "FitConfig",
-    "LossFn",
-    "NllFn",
-    "active_dropout",
-    "cross_entropy_nll",
-    "quiet_lightning",
-    "state_tensors",
-    "train",
-]
+__all__ = list(TRAINING)  # the names harness.api re-exports, listed there once
 
 
 @dataclass

@@ -97,3 +97,30 @@ def test_mc_dropout_samples_differ_and_ensemble_stacks() -> None:
     out = prog(x)
     for i, n in enumerate(nets):
         assert torch.allclose(out[i], n.eval()(x), atol=1e-6)
+
+
+def test_over_draws_loop_and_vmap_agree_and_compile_sees_vmap() -> None:
+    """Eager conv nets loop over draws (faster than vmap's grouped conv); the result must be
+    what vmap gives, and a traced call must still see one batched graph (no unrolled loop)."""
+    from torch.func import functional_call
+
+    from harness.api import over_draws
+
+    net = LeNet5().factory(LeNet5Config(), SPEC)().eval()
+    draws = {k: v.detach() + 0.1 * torch.randn(7, *v.shape) for k, v in net.named_parameters()}
+    x = torch.randn(3, 1, 8, 8)
+
+    def one(p: dict[str, Tensor]) -> Tensor:
+        return functional_call(net, p, (x,))
+
+    looped = over_draws(net, one, draws)
+    assert looped.shape == (7, 3, 10)
+    torch.testing.assert_close(looped, torch.vmap(one)(draws), rtol=1e-5, atol=1e-5)
+
+    class Sampled(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return over_draws(net, lambda p: functional_call(net, p, (x,)), draws)
+
+    graph = torch.export.export(Sampled(), (x,)).graph
+    convs = [n for n in graph.nodes if "conv" in str(n.target)]
+    assert 0 < len(convs) <= 2  # LeNet's two convs once each, batched over the 7 draws

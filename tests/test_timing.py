@@ -58,3 +58,12 @@ def test_block_size_grows_until_min_time(clock: FakeClock) -> None:
 def test_bad_rounds_rejected() -> None:
     with pytest.raises(ValueError, match="rounds"):
         timing.interleaved({"a": lambda x: x}, torch.zeros(1), timing.TimingConfig(rounds=0))
+
+
+def test_warmup_stops_after_a_second_of_calls(clock: FakeClock) -> None:
+    """Slow references (seconds per call at batch 1000) warm up once, fast ones fully."""
+    cfg = timing.TimingConfig(warmup=3, rounds=1, min_block_s=0.0)
+    timing.interleaved(
+        {"slow": clock.fn("slow", 2.0), "fast": clock.fn("fast", 0.001)}, torch.zeros(1), cfg
+    )
+    assert clock.calls[:4] == ["slow", "fast", "fast", "fast"]

@@ -15,6 +15,7 @@ from harness.api import (
     MethodBase,
     NetFactory,
     Posterior,
+    over_draws,
     training,
 )
 from plugins.methods.deterministic import fit_map, load_net
@@ -49,7 +50,7 @@ class StackedEnsemble(InferenceProgram):
         def one(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
             return functional_call(self.skeleton[0], (p, b), (x,))
 
-        return torch.vmap(one)(params, self.buffers_)
+        return over_draws(self.skeleton[0], one, params, self.buffers_)
 
 
 class Ensemble(MethodBase):

@@ -29,6 +29,7 @@ from harness.api import (
     MethodBase,
     NetFactory,
     Posterior,
+    over_draws,
     training,
 )
 from plugins.methods.deterministic import load_net
@@ -360,7 +361,7 @@ class LaplaceProgram(InferenceProgram):
             bias = theta.get(self.names[1]) if len(self.names) > 1 else None
             out = torch.einsum("nd,scd->snc", phi, w)
             return out if bias is None else out + bias.unsqueeze(1)
-        return torch.vmap(lambda p: functional_call(self.net, params | p, (x,)))(theta)
+        return over_draws(self.net, lambda p: functional_call(self.net, params | p, (x,)), theta)
 
 
 # Relative jitters (times the mean of each matrix's diagonal) tried in turn by the batched

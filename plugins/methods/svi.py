@@ -26,6 +26,7 @@ from harness.api import (
     fake_quant,
     log_quant,
     moments,
+    over_draws,
     training,
 )
 from plugins.methods import families
@@ -156,7 +157,7 @@ class MeanField(nn.Module):
         draws = {
             k: mu[k] + sigma[k] * self.family.sample((samples, *v.shape)) for k, v in mu.items()
         }
-        return torch.vmap(lambda p: functional_call(self.net, p, (x,)))(draws)
+        return over_draws(self.net, lambda p: functional_call(self.net, p, (x,)), draws)
 
 
 def predictive_nll(logits: Tensor, y: Tensor) -> Tensor:
@@ -229,7 +230,8 @@ class SampledWeights(InferenceProgram):
         draws = {k: mu[k] + sigma[k] * self.family.sample((self.samples, *mu[k].shape)) for k in mu}
         if bits:
             draws = {k: fake_quant(v, bits, dim=0) for k, v in draws.items()}
-        return torch.vmap(lambda p: functional_call(self.skeleton[0], p, (x,)))(draws)
+        net = self.skeleton[0]
+        return over_draws(net, lambda p: functional_call(net, p, (x,)), draws)
 
 
 class SVI(MethodBase):

@@ -34,6 +34,7 @@ from harness.api import (
     MethodBase,
     NetFactory,
     Posterior,
+    over_draws,
     training,
 )
 from plugins.methods.deterministic import load_net
@@ -203,7 +204,9 @@ class SWAGProgram(InferenceProgram):
     def forward(self, x: Tensor) -> Tensor:
         theta = self.sample(self.samples)
         stats = refresh_batchnorm(self.net, theta, self.bn_x) if self.bn else {}
-        return torch.vmap(lambda p, b: functional_call(self.net, (p, b), (x,)))(theta, stats)
+        return over_draws(
+            self.net, lambda p, b: functional_call(self.net, (p, b), (x,)), theta, stats
+        )
 
 
 class SWAG(MethodBase):
