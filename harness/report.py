@@ -218,6 +218,19 @@ def latency_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
     return [r for r in rows if any(isinstance(v, float) and math.isfinite(v) for v in r.values())]
 
 
+def emulated_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """Latency under an emulator (`lat_emulated/`): a table of its own, never a speedup,
+    never beside host or board timings (qemu-user times the translator, not the CPU)."""
+    sizes = _batch_sizes(runs, "lat_emulated")
+    rows = []
+    for _, run in finished(runs).iterrows():
+        row: dict[str, Any] = {"run": _tag(run, "mlflow.runName"), "device": _tag(run, "device")}
+        row |= {f"b{b} ms": _metric(run, f"lat_emulated/b{b}_ms") for b in sizes}
+        if any(math.isfinite(v) for k, v in row.items() if k.endswith(" ms")):
+            rows.append(row)
+    return rows
+
+
 def bits_series(runs: pd.DataFrame) -> dict[str, dict[str, dict[int, float]]]:
     """Metric -> method/quantizer line -> bits -> value; float runs appear as 32 bits.
 
@@ -526,6 +539,18 @@ def build(preset: str, runs: pd.DataFrame) -> tuple[str, dict[str, Figure]]:
             "",
             *concurrency_warning(runs),
             markdown_table(latency_rows(runs)),
+            "",
+        ]
+    emulated = emulated_rows(runs)
+    if emulated:
+        lines += [
+            "## Latency under emulation (correctness runs, not speed)",
+            "",
+            "Median latency per call on an emulated board (qemu-user): it measures the "
+            "emulator, so no speedup is computed and these runs are left out of every speed "
+            "table and plot above.",
+            "",
+            markdown_table(emulated),
             "",
         ]
     figures |= _model_figures(runs)

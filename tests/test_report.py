@@ -121,6 +121,24 @@ def test_bit_width_and_batch_sweeps_become_curves(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "q" / "speedup_grid.png").exists()
 
 
+def test_emulated_latency_stays_in_its_own_table(tmp_path: Path) -> None:
+    """A run on the emulated board never reaches the speed table or a speedup."""
+    base = {"preset": "e", "sweep_id": "s", "role": "job", "method": "pfp", "quant": "none"}
+    _log(tmp_path, "pfp-tvm", base | {"backend": "tvm"}, {"lat/b1_ms": 0.05, "speedup/b1": 2000})
+    arm = base | {"backend": "tvm_arm", "device": "emulated"}
+    _log(tmp_path, "pfp-tvm_arm", arm, {"lat_emulated/b1_ms": 25.6})
+    runs = report.preset_runs(_tracking(tmp_path), "e")
+    assert [r["run"] for r in report.latency_rows(runs)] == ["pfp-tvm"]
+    assert report.emulated_rows(runs) == [
+        {"run": "pfp-tvm_arm", "device": "emulated", "b1 ms": 25.6}
+    ]
+    assert list(report.speedup_curves(runs)) == ["pfp-tvm"]
+    report.write_reports(_tracking(tmp_path), tmp_path / "out", "e")
+    page = (tmp_path / "out" / "e.md").read_text()
+    speed, emulated = page.split("## Latency and speedup")[1].split("## Latency under emulation")
+    assert "pfp-tvm_arm" in emulated and "pfp-tvm_arm" not in speed
+
+
 def test_unknown_preset_is_one_line_naming_the_known(
     real_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,9 +1,11 @@
 """backend=tvm_arm: the aarch64 cross-build and export, the error without a server, and every
 kind of program run on the emulated aarch64 board (tools/arm_sim) against host TVM and eager
-PyTorch, with the same random draws; the runner's honest labels for emulated runs."""
+PyTorch, with the same random draws; the runner's honest labels for emulated runs; MetaSchedule
+measuring on the board through its RPC runner."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import socket
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from omegaconf import DictConfig
 
 from harness import registry, runner
 from harness.api import HarnessError, InferenceProgram, MomentOp, sample_draws, with_draws
-from plugins.backends.tvm import TVMArmConfig, TVMConfig
+from plugins.backends.tvm import TVMArmConfig, TVMConfig, arm, tuning
 from plugins.backends.tvm.arm import ELF_MACHINE_AARCH64, elf_machine
 from plugins.backends.tvm.backend import TVMArmBackend, TVMBackend
 from plugins.methods.pfp.program import PFPProgram
@@ -165,3 +167,67 @@ def test_emulated_times_against_an_emulated_reference_keep_their_speedup() -> No
         "lat_emulated/b1_iqr_ms": 0.1,
         "ref/b1_ms": 4.0,
     }
+
+
+def test_tuning_records_of_the_emulator_board_and_host_never_share_a_database(
+    tmp_path: Path,
+) -> None:
+    from plugins.backends.tvm.backend import host_target
+
+    dirs = {
+        tuning.database_dir(tmp_path, arm.target(), "emulated"),
+        tuning.database_dir(tmp_path, arm.target()),
+        tuning.database_dir(tmp_path, arm.target("cortex-a72")),
+        tuning.database_dir(tmp_path, host_target()),
+    }
+    assert len(dirs) == 4
+    assert "aarch64" in tuning.database_dir(tmp_path, arm.target(), "emulated").name
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("arm_board")
+def test_metaschedule_measures_on_the_board_through_the_rpc_runner(
+    make_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """Candidates cross-compiled here and timed under qemu by RPCRunner; the executable's
+    own session is released for the search and reconnects for its calls."""
+    from tvm.s_tir import meta_schedule as ms
+
+    program, pool = trained_program(make_cfg, "method=pfp", "model=mlp")
+    x = pool[:1]
+    root = tmp_path / "tuning"
+    cfg = board_cfg(tune="metaschedule", trials=2, tuning_dir=str(root))
+    exe = TVMArmBackend().compile(program, x, cfg)
+    try:
+        first = exe.describe()
+        on_arm = outputs(exe, x, seed=0)
+    finally:
+        exe.close()
+    assert first["tags"] == {"device": "emulated"}
+    assert first["tuned_tasks"] == first["tasks"] >= 3 and first["trials"] >= first["tasks"]
+    database = Path(first["database"])
+    assert [p.name for p in root.iterdir()] == [database.name]
+    assert "aarch64" in database.name and "emulated" in database.name
+
+    # Every workload has a measured record: an aarch64 library ran remotely and its time
+    # came back (a failed build or run is recorded as 1e10 s; x86 could not run it at all).
+    db = ms.database.JSONDatabase(work_dir=str(database))
+    records = db.get_all_tuning_records()
+    times = [[float(t) for t in r.run_secs] for r in records]
+    assert len(records) >= first["tasks"]
+    assert all(ts and all(0 < t < 1 and math.isfinite(t) for t in ts) for ts in times), times
+
+    # A second build reads the records: no search, every kernel from its record.
+    again = TVMArmBackend().compile(program, x, cfg)
+    try:
+        second = again.describe()
+        on_arm_again = outputs(again, x, seed=0)
+    finally:
+        again.close()
+    assert second["trials"] == second["tuned_tasks"] == 0
+    assert second["applied"] == second["tasks"] == first["tasks"]
+    assert len(db.get_all_tuning_records()) == len(records)
+    in_torch = outputs(eager(program, x), x, seed=0)
+    for a, b, t in zip(on_arm, on_arm_again, in_torch, strict=True):
+        torch.testing.assert_close(a, t, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

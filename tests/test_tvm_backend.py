@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from harness import registry, runner
-from harness.api import DataSpec, DrawsAsInputs, HarnessError, InferenceProgram, Posterior
+from harness.api import (
+    DataSpec,
+    DrawsAsInputs,
+    HarnessError,
+    InferenceProgram,
+    Posterior,
+    sample_draws,
+)
 from plugins.backends.tvm import TVMConfig
 from plugins.backends.tvm.backend import TVMBackend
 from plugins.methods.deterministic import SinglePass
@@ -91,6 +98,45 @@ def test_generic_kernels_get_the_register_tiled_schedule(model: str) -> None:
         assert tvm.compile(fused, target=target) is not None
 
 
+def test_layer_widths_are_padded_to_whole_vectors() -> None:
+    """A 20-wide hidden layer runs as matmuls whose outputs are whole vectors (zero weight
+    columns, zero rows in the next layer), and the numbers still equal eager PyTorch's:
+    deterministic, a vmapped ensemble (padding carried through broadcasts) and MC dropout
+    (a mask input the padding cannot reach, so the slice comes first)."""
+    from tvm import relax
+
+    from plugins.backends.tvm import generic
+    from plugins.backends.tvm.backend import host_target, lanes
+
+    width = lanes(host_target())
+    torch.manual_seed(0)
+    fac = MLP().factory(MLPConfig(hidden=[20, 20], dropout=0.2), SPEC)
+    x = torch.randn(5, *SPEC.input_shape, generator=torch.Generator().manual_seed(1))
+    programs = [
+        SinglePass(fac().eval()),
+        StackedEnsemble([fac().eval() for _ in range(3)]),
+        DropoutSampler(fac().eval(), 4),
+    ]
+    for program in programs:
+        mod, _ = generic.to_relax(program, x)
+        padded = generic.pad_widths(mod, width)
+        widths = [
+            int(b.value.ty.shape[-1])
+            for block in padded["main"].body.blocks
+            for b in block.bindings
+            if isinstance(b.value, relax.Call) and b.value.op.name == "relax.matmul"
+        ]
+        assert widths and widths[0] % width == 0 and widths[0] > 20, widths
+        exe = TVMBackend().compile(program.eval(), x, TVMConfig(tune="default"))
+        draws = program.draws(x)
+        torch.manual_seed(9)
+        out = exe(x)
+        torch.manual_seed(9)
+        with torch.no_grad(), DrawsAsInputs(sample_draws(draws)):
+            ref = program(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def _swag(fac) -> InferenceProgram:
     from plugins.methods.swag import SWAGProgram
 
@@ -128,6 +174,45 @@ def test_epilogues_beside_the_matmul_match_eager(x, make) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_linearised_lenet_imports_and_matches_eager() -> None:
+    """The linearised max-pool gathers the variance at torch's argmax indices; TVM's own
+    converter gave float zeros for them and the import failed (GatherElements)."""
+    torch.manual_seed(0)
+    program = _linearised(_lenet()).eval()
+    x = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    exe = TVMBackend().compile(program, x, TVMConfig(tune="default"))
+    with torch.no_grad():
+        ref = program(x)
+    torch.testing.assert_close(exe(x), ref, rtol=1e-4, atol=1e-6)
+
+
+class _Pool(InferenceProgram):
+    kind = "samples"
+
+    def __init__(self, kernel: int, stride: int, padding: int, ceil: bool):
+        super().__init__()
+        self.args = (kernel, stride, padding, 1, ceil)
+
+    def forward(self, x):
+        out, idx = torch.nn.functional.max_pool2d(x, *self.args, return_indices=True)
+        return out, idx.float()
+
+
+@pytest.mark.parametrize(
+    "args", [(2, 2, 0, False), (3, 2, 1, False), (3, 2, 0, True), (2, 1, 1, True)]
+)
+def test_max_pool_indices_are_torchs(args) -> None:
+    """Indices flat per channel, the first maximum of a window winning ties (the input
+    takes 3 values, so most windows tie), with padding and ceil mode."""
+    x = torch.randint(0, 3, (2, 3, 7, 9), generator=torch.Generator().manual_seed(0)).float()
+    program = _Pool(*args).eval()
+    exe = TVMBackend().compile(program, x, TVMConfig(tune="none"))
+    out, idx = exe(x)
+    ref_out, ref_idx = program(x)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("local_reparam", [False, True], ids=["weights", "lrt"])
 def test_svi_draws_are_inputs_sampled_per_call(x, local_reparam: bool) -> None:
     """Same seed, same draws in the same order: TVM's samples equal eager PyTorch's."""
@@ -144,6 +229,22 @@ def test_svi_draws_are_inputs_sampled_per_call(x, local_reparam: bool) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(exe(x), out), "the draws must change from call to call"
     assert out.std(0).mean() > 1e-3, "the samples must differ from each other"
+
+
+def test_jq_program_imports_and_matches_eager(x) -> None:
+    """JQ quantizes each sampled weight and activation with a per-slice max (torch.amax),
+    which TVM's frontend cannot convert by itself."""
+    fac = _factory()
+    posterior = _posterior(fac())
+    posterior.meta["quant"] = {"bits": 4, "weights": True, "activations": True}
+    program = SampledWeights(fac(), posterior, 5, False).eval()
+    exe = TVMBackend().compile(program, x, TVMConfig(tune="default"))
+    torch.manual_seed(3)
+    out = exe(x)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        ref = program(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_mc_dropout_masks_are_inputs_not_dropped(x) -> None:

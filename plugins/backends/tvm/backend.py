@@ -176,6 +176,7 @@ class TVMBackend(BackendBase):
             mod = lowering.to_relax(program.moment_ops(), tuple(x.shape), pad_to=width)
             return mod, (lambda m: schedules.schedule_module(m, width)), []
         mod, draws = generic.to_relax(program, x)
+        mod = generic.pad_widths(mod, width)
         first = lambda m: generic.schedule_fused(m, width)  # noqa: E731
         return mod, (lambda m: tuning.dlight(m, target, first)), draws
 
@@ -186,7 +187,13 @@ class TVMBackend(BackendBase):
 
         mod, schedule, draws = self._module(program, x, path, target, cfg)
         ex, built = tuning.build(
-            mod, target, cfg.tune, schedule=schedule, trials=cfg.trials, tuning_dir=cfg.tuning_dir
+            mod,
+            target,
+            cfg.tune,
+            schedule=schedule,
+            trials=cfg.trials,
+            tuning_dir=cfg.tuning_dir,
+            **self.measured_on(cfg),
         )
         info["trials"] += built.trials
         info["tuned_tasks"] += built.tuned_tasks
@@ -195,6 +202,11 @@ class TVMBackend(BackendBase):
         if built.database:
             info["database"] = built.database
         return self.runner(ex, draws, cfg, info)
+
+    def measured_on(self, cfg: TVMConfig) -> dict[str, Any]:
+        """tuning.build's `measure` and database `label`: MetaSchedule times candidates on
+        the CPU that runs them (here: the defaults, this CPU)."""
+        return {}
 
     def export(
         self, program: InferenceProgram, example: Tensor, cfg: TVMConfig, out: Path
@@ -291,9 +303,35 @@ class TVMArmBackend(TVMBackend):
             exe._runners.clear()  # the remote VMs hold the session open
             session.close()
             self._close = None
+            if self.session is session:
+                self.session = None
 
         exe.close = self._close = close
         return exe
+
+    def measured_on(self, cfg: TVMArmConfig) -> dict[str, Any]:
+        """Candidates timed on the board by MetaSchedule's RPCRunner, with the executable's
+        session released meanwhile (a server serves one at a time); emulated timings go to
+        a database of their own. Only a search connects: builds from records need no board."""
+        from plugins.backends.tvm import arm
+
+        if cfg.tune != "metaschedule":
+            return {}
+        session = getattr(self, "session", None)
+        if session is not None:
+            emulated, release = session.device == "emulated", session.release
+        else:  # export: ask the server what it is, if there is one
+            emulated, release = cfg.emulated, None
+            try:
+                probe = arm.connect(cfg)
+                emulated = probe.device == "emulated"
+                probe.close()
+            except HarnessError:
+                pass
+        return {
+            "measure": arm.measure(cfg, emulated, release),
+            "label": "emulated" if emulated else "",
+        }
 
     def runner(self, ex, draws, cfg: TVMArmConfig, info) -> Runner:
         fn, put = self.session.load(ex)

@@ -143,6 +143,12 @@ def build(backend: Any, program: InferenceProgram, example: Tensor, cfg: Any):
     path, target = choose_path(program, cfg.path), backend.target(cfg)
     mod, schedule, draws = backend._module(program.eval(), example, path, target, cfg)
     ex, _ = tuning.build(
-        mod, target, cfg.tune, schedule=schedule, trials=cfg.trials, tuning_dir=cfg.tuning_dir
+        mod,
+        target,
+        cfg.tune,
+        schedule=schedule,
+        trials=cfg.trials,
+        tuning_dir=cfg.tuning_dir,
+        **backend.measured_on(cfg),
     )
     return ex, draws, target

@@ -144,15 +144,21 @@ def dense(m: te.Tensor, v: te.Tensor | None, w_t, e2_t, var_t, mean_b, var_b) ->
     batch, fan_in = m.shape
     fan_out = w_t.shape[1]
     k = te.reduce_axis((0, fan_in), name="k")
+    # m^2 once per input, a stage of its own: squared inside the reduction it was
+    # recomputed for every output tile as a scalar multiply and a register broadcast per
+    # row and k, which competed with the FMAs for the vector pipes (the first PFP dense
+    # at batch 100 ran at half the speed of two plain matmuls); read from memory, the
+    # square is a broadcast load folded into the FMA.
+    sq = te.compute(m.shape, lambda i, j: m[i, j] * m[i, j], name="dense_sq")
     if v is None:  # first layer: var = x^2 var_w^T + var_b
 
         def terms(i, j):
-            return m[i, k] * w_t[k, j], m[i, k] * m[i, k] * var_t[k, j]
+            return m[i, k] * w_t[k, j], sq[i, k] * var_t[k, j]
     else:
 
         def terms(i, j):
             mean = m[i, k] * w_t[k, j]
-            return mean, m[i, k] * m[i, k] * var_t[k, j] + v[i, k] * e2_t[k, j]
+            return mean, sq[i, k] * var_t[k, j] + v[i, k] * e2_t[k, j]
 
     mean, var = te.compute(
         (batch, fan_out),

@@ -30,7 +30,9 @@ def to_relax(program: InferenceProgram, x: Tensor) -> tuple[Any, list[Draw]]:
     try:
         with torch.no_grad():
             exported = torch.export.export(module, (x, *noise))
-        mod = from_exported_program(exported, unwrap_unit_return_tuple=True)
+        mod = from_exported_program(
+            exported, unwrap_unit_return_tuple=True, custom_convert_map=CONVERTERS
+        )
     except HarnessError:
         raise
     except Exception as err:  # the frontend's own errors name the unsupported operator
@@ -39,6 +41,211 @@ def to_relax(program: InferenceProgram, x: Tensor) -> tuple[Any, list[Draw]]:
             f"{str(err).splitlines()[0] if str(err) else ''}"
         ) from err
     return mod, draws
+
+
+def _as_pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
+
+
+def _max_pool2d_with_indices(node: Any, importer: Any) -> Any:
+    """Max pooling with torch's indices (flat, per channel, int64; the first maximum of a
+    window in row-major order wins, as in torch's CPU kernel).
+
+    TVM 0.27's own converter returns `zeros_like(output)` for the indices: float32 zeros,
+    which made the linearised LeNet (it gathers the variance at the argmax) fail to import
+    with "GatherElements requires int64 indices", and would read element 0 of every
+    channel if cast. The window is unrolled (kernels are 2x2 or 3x3), so no reduction."""
+    from tvm import te, tirx
+
+    args = importer.retrieve_args(node)
+    x = args[0]
+    kernel = _as_pair(args[1])
+    stride = _as_pair(args[2] if len(args) > 2 and args[2] else kernel)
+    pad = _as_pair(args[3] if len(args) > 3 else 0)
+    dilation = _as_pair(args[4] if len(args) > 4 else 1)
+    ceil = bool(args[5]) if len(args) > 5 else False
+    n, c, h, w = (int(d) for d in x.ty.shape)
+
+    def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+        span = size + 2 * p - d * (k - 1) - 1
+        out = -(-span // s) + 1 if ceil else span // s + 1
+        return out - 1 if ceil and (out - 1) * s >= size + p else out  # torch's rule
+
+    oh = out_size(h, kernel[0], stride[0], pad[0], dilation[0])
+    ow = out_size(w, kernel[1], stride[1], pad[1], dilation[1])
+
+    def te_fn(data: Any) -> list:
+        lowest = tirx.min_value(data.dtype)
+
+        def at(b, ch, y, z, dy, dx):
+            iy = y * stride[0] - pad[0] + dy * dilation[0]
+            ix = z * stride[1] - pad[1] + dx * dilation[1]
+            inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
+            value = tirx.if_then_else(inside, data[b, ch, iy, ix], lowest)
+            return value, (iy * w + ix).astype("int64")
+
+        def window(b, ch, y, z):
+            best, index = at(b, ch, y, z, 0, 0)
+            for dy in range(kernel[0]):
+                for dx in range(kernel[1]):
+                    if dy or dx:
+                        value, where = at(b, ch, y, z, dy, dx)
+                        index = tirx.Select(value > best, where, index)
+                        best = te.max(best, value)
+            return [best, index]
+
+        return list(te.compute((n, c, oh, ow), window, name="max_pool2d_with_indices"))
+
+    return importer.block_builder.emit_te(te_fn, x, primfunc_name_hint="max_pool2d_indices")
+
+
+def _amax(node: Any, importer: Any) -> Any:
+    """torch.amax (the per-slice scale of fake_quant in quantized programs): TVM 0.27's
+    frontend has no converter for it. An empty `dim` reduces every axis, as in torch."""
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    dims = args[1] if len(args) > 1 else []
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    keep = bool(args[2]) if len(args) > 2 else False
+    return importer.block_builder.emit(relax.op.max(args[0], axis=dims or None, keepdims=keep))
+
+
+# aten ops whose TVM 0.27 converter is wrong or missing for our programs
+CONVERTERS = {
+    "max_pool2d_with_indices.default": _max_pool2d_with_indices,
+    "amax.default": _amax,
+}
+
+
+def _wasteful(n: int, lanes: int) -> bool:
+    """Whether an output width of n leaves over a quarter of each vector tile empty: the
+    widest tile that divides n (schedules._divisor) is then under 3/4 of the lanes. A
+    100-wide layer (tiles of 10 of 16 lanes) is padded; SWAG's 89,610-wide weight draw
+    (tiles of 15) is not: padded, its epilogue becomes a second pass over 10 MB. A width
+    under one vector is one (partial) vector per row either way."""
+    from plugins.backends.tvm import schedules
+
+    return n > lanes and n % lanes != 0 and 4 * schedules._divisor(n, lanes) < 3 * lanes
+
+
+def pad_widths(mod: Any, lanes: int) -> Any:
+    """Constant matmul weights zero-padded to a multiple of the lane count on their output
+    axis, the padding carried through bias adds, ReLUs and broadcasts, and folded into the
+    next matmul as zero weight rows; a slice back to the true width feeds anything else.
+
+    As in the Gaussian library (lowering.py): a 100-wide layer otherwise runs as 10-lane
+    tiles, which an AVX-512 CPU executes as masked half-empty vectors (the first MLP
+    matmul at batch 100: 0.33 ms as 10-lane tiles, 0.21 ms as 16-lane ones here).
+    Padded units hold exact zeros (zero weights, zero bias, relu(0)), so the zero rows
+    they meet in the next matmul add nothing. Weights computed per call (SVI's sampled
+    weights) are not constants and keep their width."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    mod = relax.transform.FoldConstant()(mod)  # transposed weights become constants
+
+    def width(expr: Any) -> list[int] | None:
+        shape = getattr(expr.ty, "shape", None)
+        try:
+            return [int(d) for d in shape] if shape is not None else None
+        except (TypeError, AttributeError):
+            return None
+
+    def pad_const(c: Any, axis: int, to: int) -> Any:
+        data = c.value.numpy()
+        pads = [(0, 0)] * data.ndim
+        pads[axis] = (0, to - data.shape[axis])
+        return relax.const(np.pad(data, pads))
+
+    @relax.expr_functor.mutator
+    class _Pad(relax.PyExprMutator):
+        def __init__(self, mod: Any):
+            super().__init__(mod)
+            self.wide: list[Any] = []  # the padded vars this pass made
+
+        def _wide(self, arg: Any) -> tuple[Any, int] | None:
+            """(padded var, true width) when arg is our slice of a padded var."""
+            if not isinstance(arg, relax.Var):
+                return None
+            value = self.lookup_binding(arg)
+            if not isinstance(value, relax.Call) or value.op.name != "relax.strided_slice":
+                return None
+            src = value.args[0]
+            if not any(src.same_as(w) for w in self.wide):
+                return None
+            return src, width(arg)[-1]
+
+        def _slice(self, padded: Any, n: int) -> Any:
+            var = self.builder_.emit(padded)
+            self.wide.append(var)
+            return relax.op.strided_slice(var, axes=[len(width(var)) - 1], begin=[0], end=[n])
+
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            name = call.op.name if isinstance(call.op, tvm.ir.Op) else ""
+            if name == "relax.matmul":
+                return self._matmul(call)
+            if name in ("relax.nn.relu", "relax.broadcast_to", "relax.add"):
+                return self._carry(call, name)
+            return call
+
+        def _matmul(self, call: Any) -> Any:
+            a, w = call.args
+            shape = width(w)
+            if not isinstance(w, Constant) or shape is None or len(shape) < 2:
+                return call
+            n = shape[-1]
+            wide = self._wide(a)
+            if wide is not None and wide[1] == shape[-2]:  # zero rows for the padded inputs
+                a = wide[0]
+                w = pad_const(w, -2, width(a)[-1])
+            padded = -(-n // lanes) * lanes
+            if _wasteful(n, lanes):
+                w = pad_const(w, -1, padded)
+                return self._slice(relax.op.matmul(a, w, out_dtype=call.attrs.out_dtype), n)
+            return call if a.same_as(call.args[0]) else relax.op.matmul(a, w, call.attrs.out_dtype)
+
+        def _carry(self, call: Any, name: str) -> Any:
+            """An elementwise op on a padded value runs padded (the slice moves after it)."""
+            if name == "relax.add":
+                x, c = call.args
+                if isinstance(x, Constant):
+                    x, c = c, x
+                wide = self._wide(x)
+                if wide is None or not isinstance(c, Constant):
+                    return call
+                cshape = width(c)
+                if cshape and cshape[-1] == wide[1]:
+                    c = pad_const(c, -1, width(wide[0])[-1])
+                elif cshape and cshape[-1] != 1:
+                    return call
+                return self._slice(relax.op.add(wide[0], c), wide[1])
+            wide = self._wide(call.args[0])
+            if wide is None:
+                return call
+            if name == "relax.nn.relu":
+                return self._slice(relax.op.nn.relu(wide[0]), wide[1])
+            target = width(call)
+            if target is None or target[-1] != wide[1]:
+                return call
+            shape = [*target[:-1], width(wide[0])[-1]]
+            return self._slice(relax.op.broadcast_to(wide[0], shape), wide[1])
+
+    out = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            func = _Pad(mod).visit_expr(func)
+        out[gv] = func
+    mod = tvm.IRModule(out, attrs=mod.attrs)
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def _written_shape(sch: Any, block: Any) -> list[int] | None:
+    writes = sch.get(block).writes
+    return [int(d) for d in writes[0].source.shape] if len(writes) == 1 else None
 
 
 def schedule_func(func: Any, lanes: int) -> Any | None:
@@ -77,7 +284,20 @@ def schedule_func(func: Any, lanes: int) -> Any | None:
                 schedules._elementwise(sch, producer, lanes)
             else:
                 sch.compute_inline(producer)
-        schedules._reduction(sch, blocks[at], lanes, list(blocks[at + 1 :]), all_rows=True)
+        # An epilogue that changes the shape (the slice back from a padded width, see
+        # pad_widths) and everything after it run as their own vectorised loop over the
+        # reduction's output: inlined into the tile, it wrote the padded columns past the
+        # end of the smaller output buffer.
+        full = _written_shape(sch, blocks[at])
+        epilogues = list(blocks[at + 1 :])
+        cut = next(
+            (i for i, b in enumerate(epilogues) if _written_shape(sch, b) != full), len(epilogues)
+        )
+        schedules._reduction(sch, blocks[at], lanes, epilogues[:cut], all_rows=True)
+        if cut < len(epilogues):
+            for block in epilogues[cut:-1]:
+                sch.compute_inline(block)
+            schedules._elementwise(sch, epilogues[-1], lanes)
     except (RuntimeError, ValueError):  # s_tir.ScheduleError is a RuntimeError
         return None
     return sch.mod["main"]

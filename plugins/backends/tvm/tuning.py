@@ -8,6 +8,11 @@
   the TIR workload (shapes and code, not weight values), so a sweep over seeds, methods
   or datasets with the same layer shapes tunes each workload once and later builds only
   read the database.
+
+Candidates are measured where the code will run: on this CPU by default, on a board over
+TVM RPC for `tvm_arm` (a `Measure` with a cross-compiling export and MetaSchedule's
+RPCRunner, from arm.py). Emulated measurements get a database of their own: a schedule
+that is fast under qemu says nothing about a Cortex-A72.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import os
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tvm
 import tvm_ffi
@@ -49,10 +56,32 @@ def check_mode(mode: str) -> None:
         raise HarnessError(f"backend.tune must be one of {', '.join(TUNE_MODES)}, got '{mode}'")
 
 
-def database_dir(root: str | Path, target: tvm.target.Target) -> Path:
-    """One database per target: records of one CPU are no advice for another."""
+def database_dir(root: str | Path, target: tvm.target.Target, label: str = "") -> Path:
+    """One database per target (and per `label`, e.g. "emulated"): records of one CPU are no
+    advice for another, and timings under an emulator none for the CPU it emulates."""
     key = hashlib.sha256(json.dumps(str(target), sort_keys=True).encode()).hexdigest()[:12]
-    return Path(root) / f"{target.kind.name}-{target.attrs.get('mcpu', '') or 'generic'}-{key}"
+    parts = [target.kind.name, str(target.attrs.get("mtriple", "") or "")]
+    parts += [str(target.attrs.get("mcpu", "") or "generic"), label, key]
+    return Path(root) / "-".join(p for p in parts if p)
+
+
+@dataclass
+class Measurement:
+    """How MetaSchedule measures the candidates of one search."""
+
+    runner: Any  # a meta_schedule Runner; its worker pool is shut down after the search
+    export: Callable[[Any], str] | None = None  # the LocalBuilder's f_export (None: TVM's)
+
+
+Measure = Callable[[], AbstractContextManager[Measurement]]
+
+
+@contextmanager
+def measure_here() -> Iterator[Measurement]:
+    """This CPU: TVM's LocalRunner on TVM's exported library."""
+    from tvm.s_tir import meta_schedule as ms
+
+    yield Measurement(ms.runner.LocalRunner())
 
 
 # Tensor intrinsics of accelerators a CPU search never uses. MetaSchedule imports all of
@@ -99,13 +128,17 @@ def build(
     schedule: Callable[[tvm.IRModule], tvm.IRModule] | None = None,
     trials: int = 64,
     tuning_dir: str | Path = "results/tvm_tuning",
+    measure: Measure = measure_here,
+    label: str = "",
 ) -> tuple[relax.VMExecutable, BuildInfo]:
-    """`schedule` is the hand schedule for mode "default" (None: DLight's rules)."""
+    """`schedule` is the hand schedule for mode "default" (None: DLight's rules); `measure`
+    and `label` (the database's) are for mode "metaschedule", entered only to search."""
     check_mode(mode)
     start = time.perf_counter()
     info = BuildInfo()
     if mode == "metaschedule":
-        ex = _metaschedule(mod, target, trials, Path(tuning_dir), info)
+        root = database_dir(tuning_dir, target, label)
+        ex = _metaschedule(mod, target, trials, root, info, measure)
     else:
         if mode == "default":
             mod = schedule(mod) if schedule is not None else dlight(mod, target)
@@ -114,8 +147,22 @@ def build(
     return ex, info
 
 
+def population(per_task: int) -> int:
+    """The evolutionary search's population for a budget of `per_task` measurements.
+
+    TVM's 512 suits budgets of a thousand trials; each of its generations ranks the whole
+    population with the cost model, which took about 100 s per generation for one ReLU
+    moment workload here, to pick one candidate when a build measures one."""
+    return min(512, max(64, 32 * per_task))
+
+
 def _metaschedule(
-    mod: tvm.IRModule, target: tvm.target.Target, trials: int, root: Path, info: BuildInfo
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    trials: int,
+    work: Path,
+    info: BuildInfo,
+    measure: Measure,
 ) -> relax.VMExecutable:
     skip_gpu_intrinsics()
     from tvm.s_tir import meta_schedule as ms
@@ -123,7 +170,6 @@ def _metaschedule(
 
     if trials <= 0:
         raise HarnessError(f"backend.trials must be positive, got {trials}")
-    work = database_dir(root, target)
     work.mkdir(parents=True, exist_ok=True)
     db = ms.database.JSONDatabase(work_dir=str(work))
     tasks = ri.extract_tasks(mod, target)
@@ -159,30 +205,34 @@ def _metaschedule(
         for handler in list(ms_logger.handlers):
             ms_logger.removeHandler(handler)
             handler.close()
-        contexts, weights = ri.extracted_tasks_to_tune_contexts(
-            todo, str(work / "logs"), num_threads=workers, seed=0
-        )
         per_task = max(1, -(-trials // len(todo)))  # every workload gets its share
-        # The runner keeps a worker process (`tvm.exec.popen_worker`) until its pool is shut
-        # down; left to garbage collection it outlived the command that started it.
-        runner = ms.runner.LocalRunner()
-        try:
-            ms.tune.tune_tasks(
-                tasks=contexts,
-                task_weights=weights,
-                work_dir=str(work / "logs"),
-                max_trials_global=per_task * len(todo),
-                max_trials_per_task=per_task,
-                num_trials_per_iter=min(per_task, 16),
-                builder=ms.builder.LocalBuilder(
-                    max_workers=workers, initializer=skip_gpu_intrinsics
-                ),
-                runner=runner,
-                database=db,
-                cost_model="xgb" if importlib.util.find_spec("xgboost") else "random",
-            )
-        finally:
-            runner.pool.shutdown(wait=True)
+        contexts, weights = ri.extracted_tasks_to_tune_contexts(
+            todo,
+            str(work / "logs"),
+            strategy=ms.search_strategy.EvolutionarySearch(population_size=population(per_task)),
+            num_threads=workers,
+            seed=0,
+        )
+        with measure() as how:
+            # The runner keeps a worker process (`tvm.exec.popen_worker`) until its pool is
+            # shut down; left to garbage collection it outlived the command that started it.
+            try:
+                ms.tune.tune_tasks(
+                    tasks=contexts,
+                    task_weights=weights,
+                    work_dir=str(work / "logs"),
+                    max_trials_global=per_task * len(todo),
+                    max_trials_per_task=per_task,
+                    num_trials_per_iter=min(per_task, 16),
+                    builder=ms.builder.LocalBuilder(
+                        max_workers=workers, initializer=skip_gpu_intrinsics, f_export=how.export
+                    ),
+                    runner=how.runner,
+                    database=db,
+                    cost_model="xgb" if importlib.util.find_spec("xgboost") else "random",
+                )
+            finally:
+                how.runner.pool.shutdown(wait=True)
         info.trials = len(db.get_all_tuning_records()) - before
         tried_file.write_text(json.dumps(sorted(tried | {key(t) for t in todo})))
         print(f"[tvm] tuning done: {info.trials} trials recorded", file=sys.stderr, flush=True)
