@@ -8,13 +8,14 @@ from __future__ import annotations
 import math
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
-from arm_sim_support import PORT, arm_board  # noqa: F401  (session fixture)
+from arm_sim_support import PORT, arm_board, sim  # noqa: F401  (session fixture)
 from omegaconf import DictConfig
 
 from harness import registry, runner
@@ -231,3 +232,46 @@ def test_metaschedule_measures_on_the_board_through_the_rpc_runner(
     for a, b, t in zip(on_arm, on_arm_again, in_torch, strict=True):
         torch.testing.assert_close(a, t, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("arm_board")
+def test_a_board_behind_a_tracker_runs_the_program() -> None:
+    """How a lab's boards are reached: a tracker on the host, each board's server registered
+    with it under a key (`rpc_server.py HOST PORT TRACKER KEY`, as the README's board setup
+    says), and the backend asking the tracker for that key (backend.tracker_port, key)."""
+    import subprocess
+
+    from tvm.rpc.tracker import Tracker
+
+    board = sim()  # the emulated environment the arm_board fixture built
+    tracker = Tracker(host="127.0.0.1", port=9290, port_end=9299, silent=True)
+    cmd, env = board.python_command(
+        board.SERVER, "127.0.0.1", "9390", f"127.0.0.1:{tracker.port}", "simboard"
+    )
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        from tvm import rpc
+
+        client = rpc.connect_tracker("127.0.0.1", tracker.port)
+        deadline = time.monotonic() + 120
+        while "simboard" not in client.text_summary():
+            assert server.poll() is None, server.stderr.read().decode()[-500:]
+            assert time.monotonic() < deadline, "the board never registered with the tracker"
+            time.sleep(1.0)
+        program, x = _program(), torch.randn(3, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+        # port 9 (nothing listens): only the tracker can lead to the board
+        cfg = TVMArmConfig(host="127.0.0.1", port=9, tracker_port=tracker.port, key="simboard")
+        exe = TVMArmBackend().compile(program, x, cfg)
+        try:
+            assert exe.describe()["tags"] == {"device": "emulated"}
+            on_board = outputs(exe, x, seed=0)
+        finally:
+            exe.close()
+        on_host = outputs(TVMBackend().compile(program, x, TVMConfig()), x, seed=0)
+        for a, h in zip(on_board, on_host, strict=True):
+            torch.testing.assert_close(a, h, rtol=1e-5, atol=1e-6)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        tracker.terminate()
