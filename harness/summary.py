@@ -92,8 +92,13 @@ def finished_sweeps(runs: pd.DataFrame) -> list[str]:
     # `single` runs) it is only left out.
     swept = jobs["tags.sweep_id"].isin(set(parents["tags.sweep_id"]))
     bad |= set(jobs.loc[swept & jobs["status"].isin(UNFINISHED), "tags.sweep_id"])
-    order = jobs["tags.sweep_id"].dropna().drop_duplicates()
-    return [s for s in order if s not in bad]
+    return [s for s in _newest_first(runs, role) if s not in bad]
+
+
+def _newest_first(runs: pd.DataFrame, role: pd.Series) -> list[str]:
+    """Sweep ids by their newest job or parent: a resumed sweep whose every job was
+    reused has no job of its own, and it is still the newest sweep."""
+    return list(runs.loc[role.isin(["job", "sweep"]), "tags.sweep_id"].dropna().drop_duplicates())
 
 
 def select_sweep(
@@ -108,11 +113,8 @@ def select_sweep(
     if jobs.empty:
         return jobs
     if sweep is None:
-        order = (
-            list(jobs["tags.sweep_id"].dropna().drop_duplicates())
-            if include_unfinished
-            else finished_sweeps(runs)
-        )
+        role = runs.get(f"tags.{ROLE_TAG}", pd.Series("job", index=runs.index)).fillna("job")
+        order = _newest_first(runs, role) if include_unfinished else finished_sweeps(runs)
         if not order:
             return jobs.iloc[0:0]
         sweep = order[0]

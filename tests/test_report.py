@@ -7,6 +7,7 @@ from pathlib import Path
 import matplotlib.image
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -166,3 +167,23 @@ def test_presets_sweep_installed_plugins(preset: str) -> None:
         for name in str(params.get(group, cfg[group].name)).split(","):
             assert (CONF / group / f"{name}.yaml").exists(), f"{group}/{name}.yaml"
             reg.get(group, name)
+
+
+def test_a_resumed_sweep_that_reused_every_job_is_the_newest() -> None:
+    """Parts run as separate sweeps, then the whole preset resumed: the last sweep runs no
+    job of its own, and the report must still read it (every part's runs), not the newest
+    part."""
+    from harness.summary import select_sweep
+
+    rows = [  # newest first, as MLflow returns them
+        ("whole", "sweep", "FINISHED", "", "a1,b1"),
+        ("b", "job", "FINISHED", "b1", ""),
+        ("b", "sweep", "FINISHED", "", ""),
+        ("a", "job", "FINISHED", "a1", ""),
+        ("a", "sweep", "FINISHED", "", ""),
+    ]
+    runs = pd.DataFrame(
+        rows, columns=["tags.sweep_id", "tags.role", "status", "run_id", "tags.reused_runs"]
+    )
+    assert sorted(select_sweep(runs)["run_id"]) == ["a1", "b1"]
+    assert list(select_sweep(runs, include_unfinished=True)["run_id"]) == ["a1", "b1"]
