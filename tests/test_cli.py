@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from tests.conftest import BIN, FAST, cli_env, store_overrides
 
@@ -27,6 +28,7 @@ def bnn(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None):
     )
 
 
+@pytest.mark.slow  # over 10 s: a subprocess sweep or server
 def test_multirun_records_failed_job_and_goes_on(tmp_path: Path) -> None:
     out = bnn(
         "run",
@@ -102,6 +104,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # over 10 s: a subprocess sweep or server
 def test_ui_serves_on_localhost(tmp_path: Path) -> None:
     port = _free_port()
     proc = subprocess.Popen(
@@ -164,6 +167,7 @@ def bnn_harness_config_searchpath():
 """
 
 
+@pytest.mark.slow  # over 10 s: a subprocess sweep or server
 def test_third_party_plugin_ships_its_own_config_group(tmp_path: Path) -> None:
     pkg = tmp_path / "site" / "blobs_plugin"
     (pkg / "conf" / "dataset").mkdir(parents=True)

@@ -180,9 +180,9 @@ class TVMBackend(BackendBase):
         first = lambda m: generic.schedule_fused(m, width)  # noqa: E731
         return mod, (lambda m: tuning.dlight(m, target, first)), draws
 
-    def _build(
-        self, program: InferenceProgram, x: Tensor, path: str, target, cfg: TVMConfig, info
-    ) -> Runner:
+    def build_module(self, program: InferenceProgram, x: Tensor, path: str, target, cfg):
+        """(executable, tuning.BuildInfo, draws) at x's batch size: what compile and export
+        both build."""
         from plugins.backends.tvm import tuning
 
         mod, schedule, draws = self._module(program, x, path, target, cfg)
@@ -195,6 +195,12 @@ class TVMBackend(BackendBase):
             tuning_dir=cfg.tuning_dir,
             **self.measured_on(cfg),
         )
+        return ex, built, draws
+
+    def _build(
+        self, program: InferenceProgram, x: Tensor, path: str, target, cfg: TVMConfig, info
+    ) -> Runner:
+        ex, built, draws = self.build_module(program, x, path, target, cfg)
         info["trials"] += built.trials
         info["tuned_tasks"] += built.tuned_tasks
         info["tasks"] += built.tasks

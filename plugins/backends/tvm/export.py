@@ -141,14 +141,5 @@ def build(backend: Any, program: InferenceProgram, example: Tensor, cfg: Any):
 
     tuning.check_mode(cfg.tune)
     path, target = choose_path(program, cfg.path), backend.target(cfg)
-    mod, schedule, draws = backend._module(program.eval(), example, path, target, cfg)
-    ex, _ = tuning.build(
-        mod,
-        target,
-        cfg.tune,
-        schedule=schedule,
-        trials=cfg.trials,
-        tuning_dir=cfg.tuning_dir,
-        **backend.measured_on(cfg),
-    )
+    ex, _, draws = backend.build_module(program.eval(), example, path, target, cfg)
     return ex, draws, target
