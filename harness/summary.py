@@ -67,12 +67,16 @@ def job_tags(preset: str | None) -> dict[str, str]:
     return tags
 
 
+def roles(runs: pd.DataFrame) -> pd.Series:
+    """Each run's role: job, sweep or report (runs from before the role tag are jobs)."""
+    return runs.get(f"tags.{ROLE_TAG}", pd.Series("job", index=runs.index)).fillna("job")
+
+
 def only_jobs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Drop sweep parents and report runs (runs from before the role tag count as jobs)."""
-    if runs.empty or f"tags.{ROLE_TAG}" not in runs:
+    """Drop sweep parents and report runs."""
+    if runs.empty:
         return runs
-    role = runs[f"tags.{ROLE_TAG}"].fillna("job")
-    return runs[role == "job"]
+    return runs[roles(runs) == "job"]
 
 
 def _tag_of(run: pd.Series, name: str) -> str:
@@ -84,7 +88,7 @@ def finished_sweeps(runs: pd.DataFrame) -> list[str]:
     """Sweep ids, newest first, whose parent (if any) FINISHED and no job is unfinished."""
     if runs.empty or "tags.sweep_id" not in runs:
         return []
-    role = runs.get(f"tags.{ROLE_TAG}", pd.Series("job", index=runs.index)).fillna("job")
+    role = roles(runs)
     parents = runs[role == "sweep"]
     jobs = runs[role == "job"]
     bad = set(parents.loc[parents["status"] != "FINISHED", "tags.sweep_id"])
@@ -112,8 +116,8 @@ def select_sweep(
     jobs = only_jobs(runs)
     if jobs.empty:
         return jobs
+    role = roles(runs)
     if sweep is None:
-        role = runs.get(f"tags.{ROLE_TAG}", pd.Series("job", index=runs.index)).fillna("job")
         order = _newest_first(runs, role) if include_unfinished else finished_sweeps(runs)
         if not order:
             return jobs.iloc[0:0]
@@ -121,11 +125,9 @@ def select_sweep(
         if not include_unfinished:
             jobs = jobs[~jobs["status"].isin(UNFINISHED)]
     chosen = jobs["tags.sweep_id"] == sweep
-    role = runs.get(f"tags.{ROLE_TAG}")
-    if role is not None:
-        parents = runs[(role == "sweep") & (runs["tags.sweep_id"] == sweep)]
-        reused = {r for p in parents.get("tags.reused_runs", []) for r in str(p).split(",") if r}
-        chosen |= jobs["run_id"].isin(reused)
+    parents = runs[(role == "sweep") & (runs["tags.sweep_id"] == sweep)]
+    reused = {r for p in parents.get("tags.reused_runs", []) for r in str(p).split(",") if r}
+    chosen |= jobs["run_id"].isin(reused)
     return jobs[chosen].iloc[::-1]
 
 
