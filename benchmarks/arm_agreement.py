@@ -66,6 +66,7 @@ def program_for(
 
 
 def outputs(fn: Callable, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    """One call with the global generator at `seed`: the draws fed to TVM are then the same."""
     torch.manual_seed(seed)
     out = fn(x)
     return tuple(o.detach().clone() for o in (out if isinstance(out, tuple) else (out,)))

@@ -18,8 +18,9 @@ import torch
 from arm_sim_support import PORT, arm_board, sim  # noqa: F401  (session fixture)
 from omegaconf import DictConfig
 
+from benchmarks.arm_agreement import eager, outputs  # the measurement this test bounds
 from harness import registry, runner
-from harness.api import HarnessError, InferenceProgram, MomentOp, sample_draws, with_draws
+from harness.api import HarnessError, InferenceProgram, MomentOp
 from plugins.backends.tvm import TVMArmConfig, TVMConfig, arm, tuning
 from plugins.backends.tvm.arm import ELF_MACHINE_AARCH64, elf_machine
 from plugins.backends.tvm.backend import TVMArmBackend, TVMBackend
@@ -82,24 +83,6 @@ def trained_program(make_cfg: Callable[..., DictConfig], *overrides: str) -> Inf
     job = runner.prepare(make_cfg(*overrides), registry.default())
     posterior, _ = runner.fit_or_load(job, job.cfg.method)
     return runner.make_program(job, posterior, job.cfg.method).eval(), job.data.test[0]
-
-
-def outputs(fn: Callable, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
-    """One call with the global generator at `seed`: the draws fed to TVM are then the same."""
-    torch.manual_seed(seed)
-    out = fn(x)
-    return tuple(out) if isinstance(out, tuple) else (out,)
-
-
-def eager(program: InferenceProgram, x: torch.Tensor) -> Callable:
-    """The program in PyTorch, fed its draws as TVM's executables are (traced before seeding)."""
-    module, draws = with_draws(program, x)
-
-    def call(x: torch.Tensor):
-        with torch.no_grad():
-            return module(x, *sample_draws(draws))
-
-    return call
 
 
 def board_cfg(**kw) -> TVMArmConfig:

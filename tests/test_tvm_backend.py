@@ -45,6 +45,18 @@ def x() -> torch.Tensor:
     return torch.randn(3, *SPEC.input_shape, generator=torch.Generator().manual_seed(0))
 
 
+def _on_tvm_and_eager(program: InferenceProgram, x: torch.Tensor, seed: int):
+    """The compiled executable, and one call of it and of eager PyTorch after the same
+    seed: sampling programs then get the same draws on both."""
+    exe = TVMBackend().compile(program, x, TVMConfig(tune="default"))
+    torch.manual_seed(seed)
+    out = exe(x)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        ref = program(x)
+    return exe, out, ref
+
+
 def test_deterministic_and_ensemble_match_eager(x) -> None:
     torch.manual_seed(0)
     fac = _factory()
@@ -165,12 +177,7 @@ def test_epilogues_beside_the_matmul_match_eager(x, make) -> None:
     scheduled kernels too, and their numbers match eager PyTorch with the same draws."""
     torch.manual_seed(0)
     program = make(_factory()).eval()
-    exe = TVMBackend().compile(program, x, TVMConfig(tune="default"))
-    torch.manual_seed(5)
-    out = exe(x)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        ref = program(x)
+    _, out, ref = _on_tvm_and_eager(program, x, seed=5)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -219,12 +226,7 @@ def test_svi_draws_are_inputs_sampled_per_call(x, local_reparam: bool) -> None:
     torch.manual_seed(0)
     fac = _factory()
     program = SampledWeights(fac(), _posterior(fac()), 5, local_reparam).eval()
-    exe = TVMBackend().compile(program, x, TVMConfig(tune="default"))
-    torch.manual_seed(7)
-    out = exe(x)
-    torch.manual_seed(7)
-    with torch.no_grad():
-        ref = program(x)
+    exe, out, ref = _on_tvm_and_eager(program, x, seed=7)
     assert out.shape == (5, 3, 4)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(exe(x), out), "the draws must change from call to call"
@@ -238,12 +240,7 @@ def test_jq_program_imports_and_matches_eager(x) -> None:
     posterior = _posterior(fac())
     posterior.meta["quant"] = {"bits": 4, "weights": True, "activations": True}
     program = SampledWeights(fac(), posterior, 5, False).eval()
-    exe = TVMBackend().compile(program, x, TVMConfig(tune="default"))
-    torch.manual_seed(3)
-    out = exe(x)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        ref = program(x)
+    _, out, ref = _on_tvm_and_eager(program, x, seed=3)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
