@@ -82,26 +82,64 @@ _EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.
 _EXP_MIN = -87.33654  # ln of float32's smallest normal number: below it exp is 0 here
 
 
+def _let(value, body, name: str = "t"):
+    """body(v) with v bound once to value: the polynomials below read their argument
+    many times, and as a plain expression each read copied the whole argument, so the
+    erfc-in-exp of Phi grew to hundreds of divisions per element (2.6 ms for LeNet's
+    first ReLU at batch 100; bound, the same stage is a few dozen vector ops)."""
+    var = tirx.Var(name, "float32")
+    return tirx.Let(var, value, body(var))
+
+
 def _exp(x):
     """exp for x <= 0 as a polynomial times 2^n built from its exponent bits; 0 below
     _EXP_MIN rather than a denormal (slow on x86). LLVM lowers exp and erf to scalar libm
     calls per lane, which stop the vectoriser, and ReLU and Clark's max need them per
     element."""
-    c = te.min(te.max(x, _f32(_EXP_MIN)), _f32(0.0))
-    n = tirx.floor(c * _f32(1.4426950408889634) + _f32(0.5))
-    r = c - n * _f32(0.693359375) - n * _f32(-2.12194440e-4)
-    poly = (_horner(r, _EXP_P) * r + _f32(0.5)) * r * r + r + _f32(1.0)
-    bits = tirx.shift_left(n.astype("int32") + 127, tirx.const(23, "int32"))
-    return tirx.Select(x < _f32(_EXP_MIN), _f32(0.0), poly * tirx.reinterpret("float32", bits))
+
+    def scaled(x, c, n):
+        r = _let(c - n * _f32(0.693359375) - n * _f32(-2.12194440e-4), lambda r: r, "r")
+        return _let(
+            r,
+            lambda r: tirx.Select(
+                x < _f32(_EXP_MIN),
+                _f32(0.0),
+                ((_horner(r, _EXP_P) * r + _f32(0.5)) * r * r + r + _f32(1.0))
+                * tirx.reinterpret(
+                    "float32",
+                    tirx.shift_left(n.astype("int32") + 127, tirx.const(23, "int32")),
+                ),
+            ),
+            "r",
+        )
+
+    def clamped(x):
+        return _let(
+            te.min(te.max(x, _f32(_EXP_MIN)), _f32(0.0)),
+            lambda c: _let(
+                tirx.floor(c * _f32(1.4426950408889634) + _f32(0.5)),
+                lambda n: scaled(x, c, n),
+                "n",
+            ),
+            "c",
+        )
+
+    return _let(x, clamped, "x")
 
 
 def _tail_cdf(z):
     """Phi(-|z|) = erfc(|z| / sqrt 2) / 2, accurate relative to its size deep in the tail,
     where 0.5 (1 + erf(z / sqrt 2)) cancels to 0 or noise (z below about -5.5 in float32);
     torch's ndtr, which the PyTorch PFP uses, keeps the tail the same way."""
-    x = te.abs(z) * _INV_SQRT2
-    t = 1.0 / (1.0 + 0.5 * x)
-    return 0.5 * t * _exp(_horner(t, _ERFC_T) - x * x)
+    return _let(
+        te.abs(z) * _INV_SQRT2,
+        lambda x: _let(
+            1.0 / (1.0 + 0.5 * x),
+            lambda t: 0.5 * t * _exp(_horner(t, _ERFC_T) - x * x),
+            "t",
+        ),
+        "x",
+    )
 
 
 def gauss_stages(z_at, shape, name: str) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
@@ -268,7 +306,12 @@ def _pool_shape(x: te.Tensor, kernel: int, stride: int) -> tuple:
 
 
 def maxpool2d(m: te.Tensor, v: te.Tensor | None, kernel: int, stride: int) -> Pair:
-    """Window folded pairwise in row-major order, one stage per step (no expression blow-up)."""
+    """Window folded pairwise in row-major order, one stage per step (no expression blow-up).
+
+    With variance the stages are (batch, channels x rows x columns): the window reads
+    gather from the input either way (stride 2), but stage buffers of LeNet's 12- and
+    4-wide rows as 4-D made the schedule's 16-lane loop gather every lane of every stage
+    too (1.2 ms for LeNet's first pool at batch 100). The caller reshapes back."""
     shape = _pool_shape(m, kernel, stride)
     if v is None:  # a deterministic input: the plain max, still deterministic
         ry = te.reduce_axis((0, kernel), name="py")
@@ -278,13 +321,19 @@ def maxpool2d(m: te.Tensor, v: te.Tensor | None, kernel: int, stride: int) -> Pa
             lambda b, c, y, x: te.max(m[b, c, y * stride + ry, x * stride + rx], axis=[ry, rx]),
             name="maxpool",
         ), None
+    n, channels, oh, ow = shape
+    flat = (n, channels * oh * ow)
     offsets = [(dy, dx) for dy in range(kernel) for dx in range(kernel)]
 
     def window(t, dy, dx):
-        return lambda b, c, y, x: t[b, c, y * stride + dy, x * stride + dx]
+        def at(b, f):
+            c, y, x = f // (oh * ow), f % (oh * ow) // ow, f % ow
+            return t[b, c, y * stride + dy, x * stride + dx]
 
-    acc_m = te.compute(shape, window(m, *offsets[0]), name="pool_m0")
-    acc_v = te.compute(shape, window(v, *offsets[0]), name="pool_v0")
+        return at
+
+    acc_m = te.compute(flat, window(m, *offsets[0]), name="pool_m0")
+    acc_v = te.compute(flat, window(v, *offsets[0]), name="pool_v0")
     for step, (dy, dx) in enumerate(offsets[1:], 1):
         nm, nv = window(m, dy, dx), window(v, dy, dx)
         acc_m, acc_v = _clark_stage(acc_m, acc_v, nm, nv, f"pool_max{step}")
