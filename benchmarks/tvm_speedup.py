@@ -14,9 +14,10 @@ inputs), so the sampling cost is in every number.
 
 Backends: `tvm` (backend default: hand schedules for PFP, our register-tiled
 matmul/conv schedules plus DLight for the generic path), eager PyTorch, torch.compile
-(static shapes), and `onnxruntime` when the registry has it. Every executable of a
-model is timed in the same interleaved rounds (harness.timing), median ms per call, so
-ratios share the machine's state. PFP also on TVM untuned (`tune=none`) and with
+(static shapes), and `onnxruntime` when the registry has it. Each program's backends
+are built at the batch size and timed in the same interleaved rounds (harness.timing),
+median ms per call, so ratios share the machine's state; PFP's group also times SVI
+eager and the deterministic network on TVM for its cross-program ratios (see groups). PFP also on TVM untuned (`tune=none`) and with
 MetaSchedule (`--trials` > 0), and a per-operator breakdown of PFP on TVM (each PrimFunc
 timed alone).
 
@@ -27,6 +28,7 @@ latency as a metric, to MLflow (--tracking-uri).
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import platform
@@ -180,46 +182,60 @@ def onnxruntime_backend() -> tuple[Any, Any] | None:
 
 
 def executables(
-    model: str, args: argparse.Namespace, example: torch.Tensor, notes: list[str]
+    progs: dict[str, InferenceProgram],
+    wanted: list[str],
+    args: argparse.Namespace,
+    example: torch.Tensor,
+    notes: list[str],
+    tag: str,
 ) -> dict[str, Any]:
-    """name -> callable; `program/backend`. A program a backend cannot compile is noted."""
-    progs = programs(model, args.programs)
+    """`program/backend` -> callable for each wanted name, built at example's batch size.
+    A program a backend cannot compile is noted."""
     tvm = TVMBackend()
     cfg = TVMConfig(threads=args.threads, tuning_dir=args.tuning_dir, trials=max(args.trials, 1))
+    ms = replace(cfg, tune="metaschedule", trials=args.trials)
     ort = onnxruntime_backend()
-    if ort is None:
-        notes.append("onnxruntime: no `onnxruntime` backend in the registry; column skipped")
+    builders = {
+        "tvm": lambda p: tvm.compile(p, example, cfg),
+        "tvm-none": lambda p: tvm.compile(p, example, replace(cfg, tune="none")),
+        "tvm-metaschedule": lambda p: tvm.compile(p, example, ms),
+        "eager": eager,
+        "torch.compile": lambda p: TorchCompileBackend().compile(
+            p, example, TorchCompileConfig(dynamic="false")
+        ),
+    }
+    if ort is not None:
+        builders["onnxruntime"] = lambda p: ort[0].compile(p, example, ort[1])
     exes: dict[str, Any] = {}
-
-    def add(name: str, build) -> None:
+    for name in wanted:
+        prog, backend = name.split("/")
         start = time.perf_counter()
         try:
-            exes[name] = build()
+            exes[name] = builders[backend](progs[prog])
         except Exception as err:
-            notes.append(f"{model} {name}: {type(err).__name__}: {str(err).splitlines()[0]}")
+            notes.append(f"{tag} {name}: {type(err).__name__}: {str(err).splitlines()[0]}")
         else:
-            print(
-                f"[bench] {model} {name}: built in {time.perf_counter() - start:.1f}s", flush=True
-            )
-
-    for name, program in progs.items():
-        add(f"{name}/tvm", lambda p=program: tvm.compile(p, example, cfg))
-        add(f"{name}/eager", lambda p=program: eager(p))
-        if name in args.compile_programs:
-            add(
-                f"{name}/torch.compile",
-                lambda p=program: TorchCompileBackend().compile(
-                    p, example, TorchCompileConfig(dynamic="false")
-                ),
-            )
-        if ort is not None:
-            add(f"{name}/onnxruntime", lambda p=program: ort[0].compile(p, example, ort[1]))
-    if "pfp" in progs:
-        add("pfp/tvm-none", lambda: tvm.compile(progs["pfp"], example, replace(cfg, tune="none")))
-        if args.trials > 0:
-            ms = replace(cfg, tune="metaschedule", trials=args.trials)
-            add("pfp/tvm-metaschedule", lambda: tvm.compile(progs["pfp"], example, ms))
+            print(f"[bench] {tag} {name}: built in {time.perf_counter() - start:.1f}s", flush=True)
     return exes
+
+
+def groups(args: argparse.Namespace) -> list[list[str]]:
+    """Executables timed together: each program's backends interleaved, one program at a
+    time, built at the batch size and dropped after it. Held all at once, every backend's
+    SVI-100 LeNet-5 at batch 1000 (GBs of activations each) beside the rest took 23.5 GB
+    and the kernel killed the run. PFP's group also holds the programs its ratios compare
+    with (SVI eager, the deterministic network on TVM), so those ratios stay interleaved."""
+    backends = ["tvm", "eager", *(["onnxruntime"] if onnxruntime_backend() else [])]
+    out = []
+    for prog in args.programs:
+        names = [f"{prog}/{b}" for b in backends]
+        if prog in args.compile_programs:
+            names.append(f"{prog}/torch.compile")
+        if prog == "pfp":
+            names += ["pfp/tvm-none", *(["pfp/tvm-metaschedule"] if args.trials > 0 else [])]
+            names += ["svi/eager", "deterministic/tvm"]
+        out.append(names)
+    return out
 
 
 def checked(exes: dict[str, Any], x: torch.Tensor, notes: list[str], tag: str) -> dict[str, Any]:
@@ -280,15 +296,27 @@ def operator_breakdown(model: str, batch: int, threads: int) -> list[tuple[str, 
 def run(args: argparse.Namespace, notes: list[str]) -> tuple[list[dict[str, Any]], dict]:
     timing = TimingConfig(warmup=args.warmup, rounds=args.rounds, min_block_s=args.min_block_s)
     rows, breakdown = [], {}
+    if onnxruntime_backend() is None:
+        notes.append("onnxruntime: no `onnxruntime` backend in the registry; column skipped")
     for model in args.models:
-        start = time.perf_counter()
-        exes = executables(model, args, torch.randn(1, *SPEC.input_shape), notes)
-        print(f"[bench] {model}: built in {time.perf_counter() - start:.1f}s", flush=True)
         for b in args.batches:
             x = torch.randn(b, *SPEC.input_shape, generator=torch.Generator().manual_seed(b))
-            ready = checked(exes, x, notes, f"{model} b={b}")
-            lat = {k: v.median_ms for k, v in interleaved(ready, x, timing).items()}
-            rows.append({"model": model, "batch": b, "lat": lat})
+            lat: dict[str, float] = {}
+            pfp_group: dict[str, float] = {}
+            for names in groups(args):
+                tag = f"{model} b={b}"
+                needed = {n.split("/")[0] for n in names}
+                progs = programs(model, [p for p in PROGRAMS if p in needed])
+                exes = executables(progs, names, args, x, notes, tag)
+                ready = checked(exes, x, notes, tag)
+                got = {k: v.median_ms for k, v in interleaved(ready, x, timing).items()}
+                del exes, ready, progs
+                gc.collect()
+                own = names[0].split("/")[0]
+                lat |= {k: v for k, v in got.items() if k.startswith(f"{own}/")}
+                if own == "pfp":
+                    pfp_group = got
+            rows.append({"model": model, "batch": b, "lat": lat, "pfp_group": pfp_group})
             print(f"[bench] {model} b={b}: " + ", ".join(f"{k}={v:.3g}ms" for k, v in lat.items()))
             if "pfp" in args.programs:
                 breakdown[(model, b)] = operator_breakdown(model, b, args.threads)
@@ -312,7 +340,9 @@ def cpu() -> str:
 
 
 def ratios(row: dict[str, Any]) -> dict[str, float]:
-    lat, out = row["lat"], {}
+    """TVM vs eager per program; PFP's ratios from PFP's own interleaved group."""
+    out = {}
+    lat = row.get("pfp_group") or row["lat"]
     pfp = lat.get("pfp/tvm", math.nan)
     for name, key in [
         ("svi/eager", "pfp_tvm_vs_svi_eager"),
@@ -324,6 +354,7 @@ def ratios(row: dict[str, Any]) -> dict[str, float]:
     ]:
         if name in lat:
             out[key] = pfp / lat[name] if key == "pfp_over_det_tvm" else lat[name] / pfp
+    lat = row["lat"]
     for prog in PROGRAMS:
         if f"{prog}/tvm" in lat and f"{prog}/eager" in lat:
             out[f"{prog}_tvm_vs_eager"] = lat[f"{prog}/eager"] / lat[f"{prog}/tvm"]
