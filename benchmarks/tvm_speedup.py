@@ -17,9 +17,9 @@ matmul/conv schedules plus DLight for the generic path), eager PyTorch, torch.co
 (static shapes), and `onnxruntime` when the registry has it. Each program's backends
 are built at the batch size and timed in the same interleaved rounds (harness.timing),
 median ms per call, so ratios share the machine's state; PFP's group also times SVI
-eager and the deterministic network on TVM for its cross-program ratios (see groups). PFP also on TVM untuned (`tune=none`) and with
-MetaSchedule (`--trials` > 0), and a per-operator breakdown of PFP on TVM (each PrimFunc
-timed alone).
+eager and the deterministic network on TVM for its cross-program ratios (see groups).
+PFP also on TVM untuned (`tune=none`) and with MetaSchedule (`--trials` > 0), and a
+per-operator breakdown of PFP on TVM (each PrimFunc timed alone).
 
 Writes results/tvm_speedup.md and results/tvm_speedup.png and logs both, with every
 latency as a metric, to MLflow (--tracking-uri).

@@ -147,13 +147,17 @@ class Draw:
                 f"valid: {', '.join(DISTRIBUTIONS)}"
             )
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, generator: torch.Generator | None = None, out: Tensor | None = None) -> Tensor:
+        """A fresh draw; into `out` when given (same values as without: torch.randn and
+        torch.rand are normal_ and uniform_ on a new tensor)."""
+        if out is None:
+            out = torch.empty(self.shape)
         if self.dist == "normal":
-            return torch.randn(self.shape, generator=generator)
-        uniform = torch.rand(self.shape, generator=generator)
+            return out.normal_(generator=generator)
+        out.uniform_(generator=generator)
         if self.dist == "uniform":
-            return uniform
-        return (uniform < _bernoulli_p(self.dist)).to(uniform.dtype)
+            return out
+        return out.copy_(out < _bernoulli_p(self.dist))
 
 
 def _bernoulli_p(dist: str) -> float | None:
@@ -166,9 +170,22 @@ def _bernoulli_p(dist: str) -> float | None:
     return p if 0.0 <= p <= 1.0 else None
 
 
-def sample_draws(draws: list[Draw], generator: torch.Generator | None = None) -> list[Tensor]:
-    """Fresh noise for one call, in declaration order (the order `with_draws` expects)."""
-    return [d.sample(generator) for d in draws]
+def sample_draws(
+    draws: list[Draw], generator: torch.Generator | None = None, out: list[Tensor] | None = None
+) -> list[Tensor]:
+    """Fresh noise for one call, in declaration order (the order `with_draws` expects).
+
+    out: buffers of the draws' shapes, refilled in place. A compiled executable that owns
+    its inputs reuses them call after call: a fresh 31 MB tensor (SVI's MLP at batch 100)
+    costs its page faults on every call, 36 ms to draw instead of 27 here."""
+    if out is None:
+        return [d.sample(generator) for d in draws]
+    return [d.sample(generator, buf) for d, buf in zip(draws, out, strict=True)]
+
+
+def draw_buffers(draws: list[Draw]) -> list[Tensor]:
+    """Buffers for `sample_draws(..., out=)`, one per draw."""
+    return [torch.empty(d.shape) for d in draws]
 
 
 _NORMAL = (torch.randn, torch.randn_like)

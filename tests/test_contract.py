@@ -308,3 +308,26 @@ def test_the_boundary_scan_sees_violations(tmp_path: Path) -> None:
     assert any("lin.py:1 imports plugins.methods.pfp.ops" in b for b in bad)
     assert any("qat.py:2 imports plugins.methods.svi.SVI" in b for b in bad)
     assert any("qat.py:3 imports harness.runner" in b for b in bad)
+
+
+def test_draws_refilled_in_place_are_the_same_samples() -> None:
+    """Buffers reused across calls (compiled executables' inputs) get the same values as
+    fresh tensors under the same seed, for every distribution, and are refilled in place."""
+    from harness.api import draw_buffers
+
+    draws = [
+        Draw("w", (3, 5), "normal"),
+        Draw("u", (7,), "uniform"),
+        Draw("m", (4, 6), "bernoulli(0.7)"),
+    ]
+    torch.manual_seed(5)
+    fresh = sample_draws(draws)
+    buffers = draw_buffers(draws)
+    torch.manual_seed(5)
+    refilled = sample_draws(draws, out=buffers)
+    for new, ref, buf in zip(refilled, fresh, buffers, strict=True):
+        assert new.data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(new, ref, rtol=0, atol=0)
+    assert set(refilled[2].unique().tolist()) <= {0.0, 1.0}
+    again = sample_draws(draws, out=buffers)
+    assert not torch.equal(again[0], fresh[0])

@@ -233,6 +233,36 @@ def test_svi_draws_are_inputs_sampled_per_call(x, local_reparam: bool) -> None:
     assert out.std(0).mean() > 1e-3, "the samples must differ from each other"
 
 
+def test_sampled_first_layer_is_one_gemm_and_every_kernel_is_scheduled(x) -> None:
+    """The same x against S sampled weight matrices becomes one GEMM [B, K] @ [K, S*N]
+    (no per-sample copy of x, no S narrow matmuls), and the weight sampling and packing
+    kernels are tiled and vectorised instead of left as serial loops; values as eager."""
+    from tvm import relax, tirx
+
+    from plugins.backends.tvm import generic, tuning
+    from plugins.backends.tvm.backend import host_target, lanes
+
+    torch.manual_seed(0)
+    fac = _factory()
+    program = SampledWeights(fac(), _posterior(fac()), 5, False).eval()
+    mod, _ = generic.to_relax(program, x)
+    mod = generic.shared_input_matmuls(mod)
+    shapes = [
+        [int(d) for d in b.value.ty.shape]
+        for block in mod["main"].body.blocks
+        for b in block.bindings
+        if isinstance(b.value, relax.Call) and b.value.op.name == "relax.matmul"
+    ]
+    assert shapes[0] == [3, 5 * 16], shapes  # batch 3, 5 draws of a 16-wide layer
+    target = host_target()
+    fused = tuning.dlight(mod, target, lambda m: generic.schedule_fused(m, lanes(target)))
+    for gv, func in fused.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            assert "T.parallel" in func.script(), f"{gv.name_hint} left unscheduled"
+    _, out, ref = _on_tvm_and_eager(program, x, seed=3)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_jq_program_imports_and_matches_eager(x) -> None:
     """JQ quantizes each sampled weight and activation with a per-slice max (torch.amax),
     which TVM's frontend cannot convert by itself."""

@@ -39,6 +39,7 @@ from harness.api import (
     Draw,
     HarnessError,
     InferenceProgram,
+    draw_buffers,
     sample_draws,
     with_draws,
 )
@@ -90,6 +91,7 @@ class OnnxRuntimeExecutable:
         self.kind, self._build_for, self.info = kind, build_for, info
         self._dynamic: _Built | None = None
         self._static: dict[int, _Built] = {}
+        self._buffers: dict[int, list[Tensor]] = {}  # noise refilled per call, per batch size
 
     def _session(self, batch: int) -> tuple[_Built, list[Draw]]:
         built = self._dynamic or self._static.get(batch)
@@ -103,7 +105,10 @@ class OnnxRuntimeExecutable:
     def __call__(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         built, draws = self._session(x.shape[0])
         feed = {"x": x.detach().to(torch.float32).contiguous().numpy()}
-        for draw, noise in zip(draws, sample_draws(draws), strict=True):
+        buffers = self._buffers.get(x.shape[0])
+        if buffers is None:
+            buffers = self._buffers[x.shape[0]] = draw_buffers(draws)
+        for draw, noise in zip(draws, sample_draws(draws, out=buffers), strict=True):
             feed[draw.name] = noise.numpy()
         outs = [torch.from_numpy(o) for o in built.run(feed)]
         return outs[0] if self.kind == "samples" else (outs[0], outs[1])

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.api import BackendBase, HarnessError, InferenceProgram, sample_draws
+from harness.api import (
+    BackendBase,
+    HarnessError,
+    InferenceProgram,
+    draw_buffers,
+    sample_draws,
+)
 from plugins.backends.tvm import TVMArmConfig, TVMConfig
 
 PATHS = ("auto", "gaussian", "generic")
@@ -176,7 +182,7 @@ class TVMBackend(BackendBase):
             mod = lowering.to_relax(program.moment_ops(), tuple(x.shape), pad_to=width)
             return mod, (lambda m: schedules.schedule_module(m, width)), []
         mod, draws = generic.to_relax(program, x)
-        mod = generic.pad_widths(mod, width)
+        mod = generic.pad_widths(generic.shared_input_matmuls(mod), width)
         first = lambda m: generic.schedule_fused(m, width)  # noqa: E731
         return mod, (lambda m: tuning.dlight(m, target, first)), draws
 
@@ -260,10 +266,12 @@ def _runner(
 
     put: a torch tensor to the function's device; out: its outputs back to torch."""
 
+    buffers = draw_buffers(draws)  # refilled per call: the function has returned by then
+
     def run(x: Tensor) -> Any:
         if before is not None:
             before()
-        args = [put(x)] + [put(noise) for noise in sample_draws(draws)]
+        args = [put(x)] + [put(noise) for noise in sample_draws(draws, out=buffers)]
         return out(fn(*args))
 
     return run
