@@ -82,64 +82,26 @@ _EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.
 _EXP_MIN = -87.33654  # ln of float32's smallest normal number: below it exp is 0 here
 
 
-def _let(value, body, name: str = "t"):
-    """body(v) with v bound once to value: the polynomials below read their argument
-    many times, and as a plain expression each read copied the whole argument, so the
-    erfc-in-exp of Phi grew to hundreds of divisions per element (2.6 ms for LeNet's
-    first ReLU at batch 100; bound, the same stage is a few dozen vector ops)."""
-    var = tirx.Var(name, "float32")
-    return tirx.Let(var, value, body(var))
-
-
 def _exp(x):
     """exp for x <= 0 as a polynomial times 2^n built from its exponent bits; 0 below
     _EXP_MIN rather than a denormal (slow on x86). LLVM lowers exp and erf to scalar libm
     calls per lane, which stop the vectoriser, and ReLU and Clark's max need them per
     element."""
-
-    def scaled(x, c, n):
-        r = _let(c - n * _f32(0.693359375) - n * _f32(-2.12194440e-4), lambda r: r, "r")
-        return _let(
-            r,
-            lambda r: tirx.Select(
-                x < _f32(_EXP_MIN),
-                _f32(0.0),
-                ((_horner(r, _EXP_P) * r + _f32(0.5)) * r * r + r + _f32(1.0))
-                * tirx.reinterpret(
-                    "float32",
-                    tirx.shift_left(n.astype("int32") + 127, tirx.const(23, "int32")),
-                ),
-            ),
-            "r",
-        )
-
-    def clamped(x):
-        return _let(
-            te.min(te.max(x, _f32(_EXP_MIN)), _f32(0.0)),
-            lambda c: _let(
-                tirx.floor(c * _f32(1.4426950408889634) + _f32(0.5)),
-                lambda n: scaled(x, c, n),
-                "n",
-            ),
-            "c",
-        )
-
-    return _let(x, clamped, "x")
+    c = te.min(te.max(x, _f32(_EXP_MIN)), _f32(0.0))
+    n = tirx.floor(c * _f32(1.4426950408889634) + _f32(0.5))
+    r = c - n * _f32(0.693359375) - n * _f32(-2.12194440e-4)
+    poly = (_horner(r, _EXP_P) * r + _f32(0.5)) * r * r + r + _f32(1.0)
+    bits = tirx.shift_left(n.astype("int32") + 127, tirx.const(23, "int32"))
+    return tirx.Select(x < _f32(_EXP_MIN), _f32(0.0), poly * tirx.reinterpret("float32", bits))
 
 
 def _tail_cdf(z):
     """Phi(-|z|) = erfc(|z| / sqrt 2) / 2, accurate relative to its size deep in the tail,
     where 0.5 (1 + erf(z / sqrt 2)) cancels to 0 or noise (z below about -5.5 in float32);
     torch's ndtr, which the PyTorch PFP uses, keeps the tail the same way."""
-    return _let(
-        te.abs(z) * _INV_SQRT2,
-        lambda x: _let(
-            1.0 / (1.0 + 0.5 * x),
-            lambda t: 0.5 * t * _exp(_horner(t, _ERFC_T) - x * x),
-            "t",
-        ),
-        "x",
-    )
+    x = te.abs(z) * _INV_SQRT2
+    t = 1.0 / (1.0 + 0.5 * x)
+    return 0.5 * t * _exp(_horner(t, _ERFC_T) - x * x)
 
 
 def gauss_stages(z_at, shape, name: str) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
