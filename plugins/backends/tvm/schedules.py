@@ -26,8 +26,11 @@ from tvm import s_tir, tirx
 
 INLINE = ("pool_m0", "pool_v0", "zero_var")
 ROW_BLOCK = 4  # batch rows per register tile: 4 rows x 2 accumulators x lanes fit the registers
-# a plain matmul/conv (one accumulator): 8 rows, measured best of 2-20 at 8 and 16 lanes
-PLAIN_ROW_BLOCK = 8
+# a plain matmul/conv (one accumulator): up to 10 rows. 8 was measured best of 2-20 on
+# lane-divisible shapes, where 8 to 16 rows tie; but 8 does not divide a batch of 100,
+# which then got blocks of 5 rows, too few chains to hide the FMA latency (SWAG's packed
+# first layer, [100, 784] @ [784, 3000]: 64 GFLOP/s with 5 rows, 84 with 10).
+PLAIN_ROW_BLOCK = 10
 BIAS = ("bias_m", "bias_v")
 
 
