@@ -268,12 +268,7 @@ def _pool_shape(x: te.Tensor, kernel: int, stride: int) -> tuple:
 
 
 def maxpool2d(m: te.Tensor, v: te.Tensor | None, kernel: int, stride: int) -> Pair:
-    """Window folded pairwise in row-major order, one stage per step (no expression blow-up).
-
-    With variance the stages are (batch, channels x rows x columns): the window reads
-    gather from the input either way (stride 2), but stage buffers of LeNet's 12- and
-    4-wide rows as 4-D made the schedule's 16-lane loop gather every lane of every stage
-    too (1.2 ms for LeNet's first pool at batch 100). The caller reshapes back."""
+    """Window folded pairwise in row-major order, one stage per step (no expression blow-up)."""
     shape = _pool_shape(m, kernel, stride)
     if v is None:  # a deterministic input: the plain max, still deterministic
         ry = te.reduce_axis((0, kernel), name="py")
@@ -283,19 +278,13 @@ def maxpool2d(m: te.Tensor, v: te.Tensor | None, kernel: int, stride: int) -> Pa
             lambda b, c, y, x: te.max(m[b, c, y * stride + ry, x * stride + rx], axis=[ry, rx]),
             name="maxpool",
         ), None
-    n, channels, oh, ow = shape
-    flat = (n, channels * oh * ow)
     offsets = [(dy, dx) for dy in range(kernel) for dx in range(kernel)]
 
     def window(t, dy, dx):
-        def at(b, f):
-            c, y, x = f // (oh * ow), f % (oh * ow) // ow, f % ow
-            return t[b, c, y * stride + dy, x * stride + dx]
+        return lambda b, c, y, x: t[b, c, y * stride + dy, x * stride + dx]
 
-        return at
-
-    acc_m = te.compute(flat, window(m, *offsets[0]), name="pool_m0")
-    acc_v = te.compute(flat, window(v, *offsets[0]), name="pool_v0")
+    acc_m = te.compute(shape, window(m, *offsets[0]), name="pool_m0")
+    acc_v = te.compute(shape, window(v, *offsets[0]), name="pool_v0")
     for step, (dy, dx) in enumerate(offsets[1:], 1):
         nm, nv = window(m, dy, dx), window(v, dy, dx)
         acc_m, acc_v = _clark_stage(acc_m, acc_v, nm, nv, f"pool_max{step}")

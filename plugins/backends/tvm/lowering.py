@@ -87,15 +87,13 @@ def _emit_op(
         stride, padding = int(op.attrs.get("stride", 1)), int(op.attrs.get("padding", 0))
         fn = lambda m, v, *w: g.conv2d(m, v, *w, stride=stride, padding=padding)  # noqa: E731
     elif name == "relu":
-        return _emit_flat(bb, g.relu, name, m, v)
+        args, fn = [], g.relu
     elif name in ("maxpool2d", "avgpool2d"):
         kernel = int(op.attrs["kernel"])
         stride = int(op.attrs.get("stride", kernel))
         pool = g.maxpool2d if name == "maxpool2d" else g.avgpool2d
-        out = _emit_pair(bb, lambda m, v: pool(m, v, kernel, stride), name, m, v, [])
-        n, c, h, w = _shape(m)
-        shape = [n, c, (h - kernel) // stride + 1, (w - kernel) // stride + 1]
-        return tuple(None if t is None else bb.emit(relax.op.reshape(t, shape)) for t in out)
+        args = []
+        fn = lambda m, v: pool(m, v, kernel, stride)  # noqa: E731
     elif name == "batchnorm":
         width = _shape(m)[1]
         args = [
@@ -110,23 +108,6 @@ def _emit_op(
     else:
         raise HarnessError(f"unknown MomentOp '{name}'; valid: {', '.join(MOMENT_OPS)}")
     return _emit_pair(bb, fn, name, m, v, args)
-
-
-def _emit_flat(bb: relax.BlockBuilder, fn, name: str, m: relax.Expr, v: relax.Expr | None):
-    """An elementwise op on a (batch, features) view of its input, reshaped back after
-    (both views are free). On a 4-D conv output the schedule's fused vector loop crosses
-    rows (24 wide, 16 lanes) and the simplifier could not prove its loads contiguous, so
-    every lane was gathered alone: LeNet's first ReLU took 2.6 ms at batch 100 as
-    [100, 6, 24, 24] and 0.56 ms as [100, 3456]."""
-    shape = _shape(m)
-    if len(shape) <= 2:
-        return _emit_pair(bb, fn, name, m, v, [])
-    flat = [shape[0], -1]
-    m = bb.emit(relax.op.reshape(m, flat))
-    v = None if v is None else bb.emit(relax.op.reshape(v, flat))
-    out_m, out_v = _emit_pair(bb, fn, name, m, v, [])
-    back = lambda t: None if t is None else bb.emit(relax.op.reshape(t, shape))  # noqa: E731
-    return back(out_m), back(out_v)
 
 
 def _emit_add(bb: relax.BlockBuilder, a: tuple, b: tuple):
