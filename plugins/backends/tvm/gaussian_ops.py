@@ -188,9 +188,11 @@ def _pad(x: te.Tensor, pad: int, name: str) -> te.Tensor:
 def conv2d(
     m: te.Tensor, v: te.Tensor | None, w, e2, var_w, mean_b, var_b, stride: int, padding: int
 ) -> Pair:
-    """NCHW input, OIHW weights (e2 = mean_w^2 + var_w); the dense formulas per window."""
+    """NCHW input, [in, kh, kw, out] weights (e2 = mean_w^2 + var_w); the dense formulas
+    per window. Output channels innermost in the weights: a schedule may vectorise over
+    them (whole vectors of channels, one weight load each)."""
     batch, _, height, width = m.shape
-    out_c, in_c, kh, kw = w.shape
+    in_c, kh, kw, out_c = w.shape
     oh = (height + 2 * padding - kh) // stride + 1
     ow = (width + 2 * padding - kw) // stride + 1
     pm = _pad(m, padding, "pad_m")
@@ -203,13 +205,16 @@ def conv2d(
         return t[b, c, y * stride + ry, x * stride + rx]
 
     pv = None if v is None else _pad(v, padding, "pad_v")
+    # m^2 once per input value, read as a broadcast like m (see dense_sq): squared in the
+    # reduction it was a scalar multiply and a register broadcast per tap and pixel
+    sq = te.compute(pm.shape, lambda *i: pm(*i) * pm(*i), name="conv_sq")
 
     def terms(b, o, y, x):
         xm = at(pm, b, y, x, rc)
-        mean = xm * w[o, rc, ry, rx]
-        var = xm * xm * var_w[o, rc, ry, rx]
+        mean = xm * w[rc, ry, rx, o]
+        var = at(sq, b, y, x, rc) * var_w[rc, ry, rx, o]
         if pv is not None:
-            var = var + at(pv, b, y, x, rc) * e2[o, rc, ry, rx]
+            var = var + at(pv, b, y, x, rc) * e2[rc, ry, rx, o]
         return mean, var
 
     mean, var = te.compute(

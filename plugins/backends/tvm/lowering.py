@@ -46,11 +46,14 @@ def _weights(op: MomentOp, transpose: bool, rows: int = 0, cols: int = 0) -> lis
     """Mean, E[w^2] and variance of the weights, then bias mean and variance.
 
     Dense ([in, out] after the transpose): zero-padded to `rows` inputs and `cols` outputs.
+    Conv: [in, kh, kw, out], output channels innermost, so a vector of them is one load.
     """
     mean_w, var_w, mean_b, var_b = _need(op, "mean_w", "var_w", "mean_b", "var_b")
     e2 = mean_w * mean_w + var_w
     ws = [mean_w, e2, var_w]
     bs = [mean_b, var_b]
+    if not transpose and ws[0].dim() == 4:
+        ws = [w.detach().permute(1, 2, 3, 0) for w in ws]
     if transpose:
         ws = [w.detach().t() for w in ws]
         fan_in, fan_out = ws[0].shape
