@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import re
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -215,11 +216,19 @@ def executables(
         except Exception as err:
             notes.append(f"{tag} {name}: {type(err).__name__}: {str(err).splitlines()[0]}")
         else:
-            print(f"[bench] {tag} {name}: built in {time.perf_counter() - start:.1f}s", flush=True)
+            took = time.perf_counter() - start
+            print(f"[bench] {tag} {name}: built in {took:.1f}s", flush=True)
+            if backend == "tvm-metaschedule":
+                info = exes[name].describe()
+                notes.append(
+                    f"{tag} {name}: {info['applied']} of {info['tasks']} kernels from tuning "
+                    f"records ({info.get('database', '-')}); {info['trials']} trials measured "
+                    f"by this build, which took {took:.0f} s"
+                )
     return exes
 
 
-def groups(args: argparse.Namespace) -> list[list[str]]:
+def groups(args: argparse.Namespace, batch: int) -> list[list[str]]:
     """Executables timed together: each program's backends interleaved, one program at a
     time, built at the batch size and dropped after it. Held all at once, every backend's
     SVI-100 LeNet-5 at batch 1000 (GBs of activations each) beside the rest took 23.5 GB
@@ -232,7 +241,8 @@ def groups(args: argparse.Namespace) -> list[list[str]]:
         if prog in args.compile_programs:
             names.append(f"{prog}/torch.compile")
         if prog == "pfp":
-            names += ["pfp/tvm-none", *(["pfp/tvm-metaschedule"] if args.trials > 0 else [])]
+            tuned = args.trials > 0 and batch in (args.metaschedule_batches or args.batches)
+            names += ["pfp/tvm-none", *(["pfp/tvm-metaschedule"] if tuned else [])]
             names += ["svi/eager", "deterministic/tvm"]
         out.append(names)
     return out
@@ -303,7 +313,7 @@ def run(args: argparse.Namespace, notes: list[str]) -> tuple[list[dict[str, Any]
             x = torch.randn(b, *SPEC.input_shape, generator=torch.Generator().manual_seed(b))
             lat: dict[str, float] = {}
             pfp_group: dict[str, float] = {}
-            for names in groups(args):
+            for names in groups(args, b):
                 tag = f"{model} b={b}"
                 needed = {n.split("/")[0] for n in names}
                 progs = programs(model, [p for p in PROGRAMS if p in needed])
@@ -372,8 +382,8 @@ def markdown(rows, breakdown, args: argparse.Namespace, notes: list[str]) -> str
         "",
         f"CPU: {cpu()}. {args.threads} thread(s) for torch, TVM and ONNX Runtime; load "
         f"average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. "
-        f"Command: `.venv/bin/python benchmarks/tvm_speedup.py{' --quick' if args.quick else ''} "
-        f"--trials {args.trials} --rounds {args.rounds}` ({args.seconds:.0f} s).",
+        f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/tvm_speedup.py', *sys.argv[1:]])}` "
+        f"({args.seconds:.0f} s).",
         "",
         "Random posteriors of the right shapes (see the script's docstring); each method's "
         f"default config (MC dropout {MCDropoutConfig().samples} samples, ensemble "
@@ -433,7 +443,7 @@ def markdown(rows, breakdown, args: argparse.Namespace, notes: list[str]) -> str
     if skipped:
         notes = [f"torch.compile: not run for {', '.join(skipped)} (--compile-programs)", *notes]
     if notes:
-        lines += ["", "## Not timed", ""] + [f"- {n}" for n in notes]
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -470,6 +480,13 @@ def main() -> None:
     )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 10, 100, 1000])
     parser.add_argument("--trials", type=int, default=0, help="MetaSchedule budget; 0: skip")
+    parser.add_argument(
+        "--metaschedule-batches",
+        nargs="+",
+        type=int,
+        default=None,
+        help="batch sizes PFP is tuned and timed at with MetaSchedule (default: all)",
+    )
     parser.add_argument("--tuning-dir", default="results/tvm_tuning")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
