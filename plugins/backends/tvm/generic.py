@@ -304,6 +304,20 @@ def _written_shape(sch: Any, block: Any) -> list[int] | None:
     return [int(d) for d in writes[0].source.shape] if len(writes) == 1 else None
 
 
+def _conv_weights(sch: Any, block: Any, lanes: int) -> int | None:
+    """The read index of an NCHW conv's OIHW weights when its output channels are whole
+    vectors (the channel-tiled schedule applies), else None."""
+    iters = sch.get(block).iter_vars
+    kinds = [it.iter_type != 0 for it in iters]
+    if kinds != [False] * 4 + [True] * 3 or int(iters[1].dom.extent) % lanes:
+        return None
+    for i, read in enumerate(sch.get(block).reads):
+        first = read.region[0].min if len(read.region) == 4 else None
+        if first is not None and first.same_as(iters[1].var):
+            return i
+    return None
+
+
 def schedule_func(func: Any, lanes: int) -> Any | None:
     """A fused PrimFunc built around one matmul/conv (`FuseOps` output: injective
     producers, the reduction, elementwise epilogues) with the Gaussian library's dense
@@ -349,7 +363,16 @@ def schedule_func(func: Any, lanes: int) -> Any | None:
         cut = next(
             (i for i, b in enumerate(epilogues) if _written_shape(sch, b) != full), len(epilogues)
         )
-        schedules._reduction(sch, blocks[at], lanes, epilogues[:cut], all_rows=True)
+        weights = _conv_weights(sch, blocks[at], lanes)
+        if weights is not None:
+            # the weights copied per call into [in, kh, kw, out] (2,400 values for LeNet's
+            # second conv), so a vector of output channels is one load, as for PFP
+            cache = sch.cache_read(blocks[at], weights, "global")
+            sch.transform_layout(cache, ("write", 0), lambda o, i, h, w: (i, h, w, o))
+            schedules._elementwise(sch, cache, lanes)
+            schedules._conv_channels(sch, blocks[at], lanes, epilogues[:cut])
+        else:
+            schedules._reduction(sch, blocks[at], lanes, epilogues[:cut], all_rows=True)
         if cut < len(epilogues):
             for block in epilogues[cut:-1]:
                 sch.compute_inline(block)

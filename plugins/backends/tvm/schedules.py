@@ -147,7 +147,7 @@ def _reduction(
         sch.vectorize(sch.get_loops(stage)[-1])
 
 
-PIXEL_BLOCK = 4  # output pixels per channel-vector tile: 4 x 2 accumulators of 16 lanes
+PIXEL_BLOCK = 4  # output pixels per channel-vector tile of moments (2 accumulators each)
 
 
 def _conv_channels(sch: s_tir.Schedule, block, lanes: int, epilogues: list) -> None:
@@ -156,11 +156,11 @@ def _conv_channels(sch: s_tir.Schedule, block, lanes: int, epilogues: list) -> N
     is a broadcast. LeNet's second conv has 8-wide rows: as row tiles its vectors were
     half empty and the FMAs waited on their latency (4.2 ms at batch 100)."""
     acc = [sch.cache_write(block, i, "local") for i in range(len(sch.get(block).writes))]
-    for epi in epilogues:
-        sch.reverse_compute_inline(epi)
+    inline_epilogues(sch, epilogues)
     b, o, y, x, *reduce = sch.get_loops(block)
     o_out, o_in = sch.split(o, [None, lanes])
-    x_out, x_in = sch.split(x, [None, _divisor(_extent(sch, x), PIXEL_BLOCK)])
+    pixels = PIXEL_BLOCK * 2 // len(acc)  # a plain conv has one accumulator per pixel
+    x_out, x_in = sch.split(x, [None, _divisor(_extent(sch, x), pixels)])
     sch.reorder(b, y, x_out, o_out, *reduce, x_in, o_in)
     outer = sch.fuse(b, y, x_out, o_out)
     for stage in acc:
