@@ -76,9 +76,9 @@ def _lenet():
 @pytest.mark.parametrize("model", ["mlp", "lenet"])
 def test_generic_kernels_get_the_register_tiled_schedule(model: str) -> None:
     """Every matmul/conv kernel of the generic path is ours (vector tile, row block or a
-    conv's channel tile, the epilogue in the tile), none left to DLight's one-dot-product-per-output rule, and the
-    numbers still match eager PyTorch: deterministic, and a vmapped ensemble (batched
-    matmul with per-member weights)."""
+    conv's channel tile, the epilogue in the tile), none left to DLight's
+    one-dot-product-per-output rule, and the numbers still match eager PyTorch:
+    deterministic, and a vmapped ensemble (batched matmul with per-member weights)."""
     import tvm
     from tvm import tirx
 
@@ -236,9 +236,10 @@ def test_svi_draws_are_inputs_sampled_per_call(x, local_reparam: bool) -> None:
 
 
 def test_sampled_first_layer_is_one_gemm_and_every_kernel_is_scheduled(x) -> None:
-    """The same x against S sampled weight matrices becomes one GEMM [B, K] @ [K, S*N]
-    (no per-sample copy of x, no S narrow matmuls), and the weight sampling and packing
-    kernels are tiled and vectorised instead of left as serial loops; values as eager."""
+    """The same x against S sampled weight matrices becomes one GEMM, W [S*N, K] @ x.T
+    (no per-sample copy of x, no S narrow matmuls, no transposed copy of the weights),
+    and the weight sampling kernels are tiled and vectorised instead of left as serial
+    loops; values as eager."""
     from tvm import relax, tirx
 
     from plugins.backends.tvm import generic, tuning
@@ -248,14 +249,16 @@ def test_sampled_first_layer_is_one_gemm_and_every_kernel_is_scheduled(x) -> Non
     fac = _factory()
     program = SampledWeights(fac(), _posterior(fac()), 5, False).eval()
     mod, _ = generic.to_relax(program, x)
-    mod = generic.shared_input_matmuls(mod)
+    mod = generic.shared_input_matmuls(mod, 16)
     shapes = [
         [int(d) for d in b.value.ty.shape]
         for block in mod["main"].body.blocks
         for b in block.bindings
         if isinstance(b.value, relax.Call) and b.value.op.name == "relax.matmul"
     ]
-    assert shapes[0] == [3, 5 * 16], shapes  # batch 3, 5 draws of a 16-wide layer
+    # the sampled weights as drawn ([S*N, K] rows) against x.T: 5 draws of a 16-wide
+    # layer, batch 3
+    assert shapes[0] == [5 * 16, 3], shapes
     target = host_target()
     fused = tuning.dlight(mod, target, lambda m: generic.schedule_fused(m, lanes(target)))
     for gv, func in fused.functions.items():

@@ -182,7 +182,7 @@ class TVMBackend(BackendBase):
             mod = lowering.to_relax(program.moment_ops(), tuple(x.shape), pad_to=width)
             return mod, (lambda m: schedules.schedule_module(m, width)), []
         mod, draws = generic.to_relax(program, x)
-        mod = generic.pad_widths(generic.shared_input_matmuls(mod), width)
+        mod = generic.pad_widths(generic.shared_input_matmuls(mod, width), width)
         first = lambda m: generic.schedule_fused(m, width)  # noqa: E731
         return mod, (lambda m: tuning.dlight(m, target, first)), draws
 

@@ -119,8 +119,9 @@ def _reduction(
     spatial = [lp for lp, it in zip(loops, iters, strict=True) if it.iter_type == 0]
     reduce = [lp for lp, it in zip(loops, iters, strict=True) if it.iter_type != 0]
     last = spatial[-1]
-    vec = _divisor(_extent(sch, last), lanes)
-    tile, lane = sch.split(last, [None, vec])
+    n_cols = _extent(sch, last)
+    n_rows = _extent(sch, spatial[-2]) if len(spatial) > 1 else 1
+    tile, lane = sch.split(last, [None, _divisor(n_cols, lanes)])
     lead, rows = spatial[:-1], []
     if lead and (len(lead) == 1 or all_rows):  # a block of rows shares every weight load
         per_tile = PLAIN_ROW_BLOCK if len(acc) == 1 else ROW_BLOCK
@@ -128,10 +129,12 @@ def _reduction(
         if block_rows > 1:
             lead_out, row = sch.split(lead[-1], [None, block_rows])
             lead, rows = [*lead[:-1], lead_out], [row]
-    # the row blocks innermost of the outer loops: each tile's weight panel (K x lanes)
-    # stays in cache while every row block passes over it. Tiles inside row blocks read
-    # the whole weight once per row block: 13 times 31 MB for SVI's packed first layer.
-    outer_loops = [*lead[:-1], tile, lead[-1]] if rows else [*lead, tile]
+    # The larger operand is read once: with more columns than rows (SVI's packed first
+    # layer, [100, 784] @ [784, 10000]) the row blocks run innermost, so each tile's
+    # weight panel stays in cache while every row block passes over it (tiles inside
+    # row blocks read the 31 MB weight 13 times); with more rows, tiles innermost.
+    wide = bool(rows) and n_cols > n_rows
+    outer_loops = [*lead[:-1], tile, lead[-1]] if wide else [*lead, tile]
     sch.reorder(*outer_loops, *reduce, *rows, lane)
     outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else tile
     for stage in acc:
