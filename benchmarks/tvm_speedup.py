@@ -228,7 +228,7 @@ def executables(
     return exes
 
 
-def groups(args: argparse.Namespace, batch: int) -> list[list[str]]:
+def groups(args: argparse.Namespace, model: str, batch: int) -> list[list[str]]:
     """Executables timed together: each program's backends interleaved, one program at a
     time, built at the batch size and dropped after it. Held all at once, every backend's
     SVI-100 LeNet-5 at batch 1000 (GBs of activations each) beside the rest took 23.5 GB
@@ -241,7 +241,11 @@ def groups(args: argparse.Namespace, batch: int) -> list[list[str]]:
         if prog in args.compile_programs:
             names.append(f"{prog}/torch.compile")
         if prog == "pfp":
-            tuned = args.trials > 0 and batch in (args.metaschedule_batches or args.batches)
+            tuned = (
+                args.trials > 0
+                and batch in (args.metaschedule_batches or args.batches)
+                and model in (args.metaschedule_models or args.models)
+            )
             names += ["pfp/tvm-none", *(["pfp/tvm-metaschedule"] if tuned else [])]
             names += ["svi/eager", "deterministic/tvm"]
         out.append(names)
@@ -313,7 +317,7 @@ def run(args: argparse.Namespace, notes: list[str]) -> tuple[list[dict[str, Any]
             x = torch.randn(b, *SPEC.input_shape, generator=torch.Generator().manual_seed(b))
             lat: dict[str, float] = {}
             pfp_group: dict[str, float] = {}
-            for names in groups(args, b):
+            for names in groups(args, model, b):
                 tag = f"{model} b={b}"
                 needed = {n.split("/")[0] for n in names}
                 progs = programs(model, [p for p in PROGRAMS if p in needed])
@@ -486,6 +490,13 @@ def main() -> None:
         type=int,
         default=None,
         help="batch sizes PFP is tuned and timed at with MetaSchedule (default: all)",
+    )
+    parser.add_argument(
+        "--metaschedule-models",
+        nargs="+",
+        default=None,
+        choices=list(MODELS),
+        help="models PFP is tuned and timed for with MetaSchedule (default: all)",
     )
     parser.add_argument("--tuning-dir", default="results/tvm_tuning")
     parser.add_argument("--rounds", type=int, default=5)
