@@ -258,6 +258,7 @@ def shared_input_matmuls(mod: Any, lanes: int) -> Any:
     """
     import tvm
     from tvm import relax
+    from tvm.ir.expr import Constant
 
     def shape_of(expr: Any) -> list[int] | None:
         shape = getattr(expr.ty, "shape", None)
@@ -319,7 +320,10 @@ def shared_input_matmuls(mod: Any, lanes: int) -> Any:
             axes = getattr(value.attrs, "axes", None)
             if value.op.name != "relax.permute_dims" or axes is None:
                 return None
-            return value.args[0] if [int(a) for a in axes] == [0, 2, 1] else None
+            src = value.args[0]
+            if [int(a) for a in axes] != [0, 2, 1] or isinstance(src, Constant):
+                return None  # constant weights (an ensemble's) are packed once, at build
+            return src
 
     out = {}
     for gv, func in mod.functions.items():
