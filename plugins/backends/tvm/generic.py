@@ -119,6 +119,28 @@ CONVERTERS = {
 }
 
 
+def _static_shape(expr: Any) -> list[int] | None:
+    """A Relax value's shape as ints, or None when it has none or it is symbolic."""
+    shape = getattr(expr.ty, "shape", None)
+    try:
+        return [int(d) for d in shape] if shape is not None else None
+    except (TypeError, AttributeError):
+        return None
+
+
+def _rewrite(mod: Any, mutator: Any) -> Any:
+    """Every Relax function of mod through a PyExprMutator class, dead code dropped."""
+    import tvm
+    from tvm import relax
+
+    out = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            func = mutator(mod).visit_expr(func)
+        out[gv] = func
+    return relax.transform.DeadCodeElimination()(tvm.IRModule(out, attrs=mod.attrs))
+
+
 def _wasteful(n: int, lanes: int) -> bool:
     """Whether an output width of n is not a whole number of vectors. Tiles of a divisor
     under the lane count (10 of 16 for a 100-wide layer, 15 for SWAG's 89,610-wide weight
@@ -147,12 +169,7 @@ def pad_widths(mod: Any, lanes: int) -> Any:
 
     mod = relax.transform.FoldConstant()(mod)  # transposed weights become constants
 
-    def width(expr: Any) -> list[int] | None:
-        shape = getattr(expr.ty, "shape", None)
-        try:
-            return [int(d) for d in shape] if shape is not None else None
-        except (TypeError, AttributeError):
-            return None
+    width = _static_shape
 
     def pad_const(c: Any, axis: int, to: int) -> Any:
         data = c.value.numpy()
@@ -234,13 +251,7 @@ def pad_widths(mod: Any, lanes: int) -> Any:
             shape = [*target[:-1], width(wide[0])[-1]]
             return self._slice(relax.op.broadcast_to(wide[0], shape), wide[1])
 
-    out = {}
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            func = _Pad(mod).visit_expr(func)
-        out[gv] = func
-    mod = tvm.IRModule(out, attrs=mod.attrs)
-    return relax.transform.DeadCodeElimination()(mod)
+    return _rewrite(mod, _Pad)
 
 
 def shared_input_matmuls(mod: Any, lanes: int) -> Any:
@@ -260,12 +271,7 @@ def shared_input_matmuls(mod: Any, lanes: int) -> Any:
     from tvm import relax
     from tvm.ir.expr import Constant
 
-    def shape_of(expr: Any) -> list[int] | None:
-        shape = getattr(expr.ty, "shape", None)
-        try:
-            return [int(d) for d in shape] if shape is not None else None
-        except (TypeError, AttributeError):
-            return None
+    shape_of = _static_shape
 
     @relax.expr_functor.mutator
     class _Shared(relax.PyExprMutator):
@@ -325,13 +331,7 @@ def shared_input_matmuls(mod: Any, lanes: int) -> Any:
                 return None  # constant weights (an ensemble's) are packed once, at build
             return src
 
-    out = {}
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            func = _Shared(mod).visit_expr(func)
-        out[gv] = func
-    mod = tvm.IRModule(out, attrs=mod.attrs)
-    return relax.transform.DeadCodeElimination()(mod)
+    return _rewrite(mod, _Shared)
 
 
 def _written_shape(sch: Any, block: Any) -> list[int] | None:
