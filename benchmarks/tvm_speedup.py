@@ -189,13 +189,13 @@ def executables(
     example: torch.Tensor,
     notes: list[str],
     tag: str,
+    ort: tuple[Any, Any] | None,
 ) -> dict[str, Any]:
     """`program/backend` -> callable for each wanted name, built at example's batch size.
-    A program a backend cannot compile is noted."""
+    A program a backend cannot compile is noted. ort: onnxruntime_backend()'s answer."""
     tvm = TVMBackend()
     cfg = TVMConfig(threads=args.threads, tuning_dir=args.tuning_dir, trials=max(args.trials, 1))
     ms = replace(cfg, tune="metaschedule", trials=args.trials)
-    ort = onnxruntime_backend()
     builders = {
         "tvm": lambda p: tvm.compile(p, example, cfg),
         "tvm-none": lambda p: tvm.compile(p, example, replace(cfg, tune="none")),
@@ -228,13 +228,13 @@ def executables(
     return exes
 
 
-def groups(args: argparse.Namespace, model: str, batch: int) -> list[list[str]]:
+def groups(args: argparse.Namespace, model: str, batch: int, ort: bool) -> list[list[str]]:
     """Executables timed together: each program's backends interleaved, one program at a
     time, built at the batch size and dropped after it. Held all at once, every backend's
     SVI-100 LeNet-5 at batch 1000 (GBs of activations each) beside the rest took 23.5 GB
     and the kernel killed the run. PFP's group also holds the programs its ratios compare
     with (SVI eager, the deterministic network on TVM), so those ratios stay interleaved."""
-    backends = ["tvm", "eager", *(["onnxruntime"] if onnxruntime_backend() else [])]
+    backends = ["tvm", "eager", *(["onnxruntime"] if ort else [])]
     out = []
     for prog in args.programs:
         names = [f"{prog}/{b}" for b in backends]
@@ -310,18 +310,19 @@ def operator_breakdown(model: str, batch: int, threads: int) -> list[tuple[str, 
 def run(args: argparse.Namespace, notes: list[str]) -> tuple[list[dict[str, Any]], dict]:
     timing = TimingConfig(warmup=args.warmup, rounds=args.rounds, min_block_s=args.min_block_s)
     rows, breakdown = [], {}
-    if onnxruntime_backend() is None:
+    ort = onnxruntime_backend()  # the registry is built once, not per group
+    if ort is None:
         notes.append("onnxruntime: no `onnxruntime` backend in the registry; column skipped")
     for model in args.models:
         for b in args.batches:
             x = torch.randn(b, *SPEC.input_shape, generator=torch.Generator().manual_seed(b))
             lat: dict[str, float] = {}
             pfp_group: dict[str, float] = {}
-            for names in groups(args, model, b):
+            for names in groups(args, model, b, ort is not None):
                 tag = f"{model} b={b}"
                 needed = {n.split("/")[0] for n in names}
                 progs = programs(model, [p for p in PROGRAMS if p in needed])
-                exes = executables(progs, names, args, x, notes, tag)
+                exes = executables(progs, names, args, x, notes, tag, ort)
                 ready = checked(exes, x, notes, tag)
                 got = {k: v.median_ms for k, v in interleaved(ready, x, timing).items()}
                 del exes, ready, progs

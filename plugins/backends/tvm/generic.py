@@ -271,15 +271,18 @@ def shared_input_matmuls(mod: Any, lanes: int) -> Any:
     from tvm import relax
     from tvm.ir.expr import Constant
 
-    shape_of = _static_shape
-
     @relax.expr_functor.mutator
     class _Shared(relax.PyExprMutator):
-        def _source(self, arg: Any, op: str) -> Any | None:
-            """The operand of `op` that arg is bound to, or None."""
+        def _bound(self, arg: Any, op: str) -> Any | None:
+            """The call of `op` that arg is bound to, or None."""
             value = self.lookup_binding(arg) if isinstance(arg, relax.Var) else None
             ok = isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
-            return value.args[0] if ok and value.op.name == op else None
+            return value if ok and value.op.name == op else None
+
+        def _source(self, arg: Any, op: str) -> Any | None:
+            """The operand of `op` that arg is bound to, or None."""
+            call = self._bound(arg, op)
+            return None if call is None else call.args[0]
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
@@ -287,15 +290,15 @@ def shared_input_matmuls(mod: Any, lanes: int) -> Any:
                 return call
             a, w = call.args
             x = self._source(a, "relax.broadcast_to")
-            ws, xs = shape_of(w), shape_of(x) if x is not None else None
+            ws, xs = _static_shape(w), _static_shape(x) if x is not None else None
             if xs is None or ws is None or len(xs) != 2 or len(ws) != 3:
                 return call
             same = self._source(w, "relax.broadcast_to")  # a no-op broadcast of w itself
-            if same is not None and shape_of(same) == ws:
+            if same is not None and _static_shape(same) == ws:
                 w = same
             s, k, n = ws
             b = xs[0]
-            if xs[1] != k or shape_of(call) != [s, b, n]:
+            if xs[1] != k or _static_shape(call) != [s, b, n]:
                 return call
             dtype = call.attrs.out_dtype
             natural = self._transposed(w)
@@ -320,14 +323,12 @@ def shared_input_matmuls(mod: Any, lanes: int) -> Any:
         def _transposed(self, w: Any) -> Any | None:
             """The [S, N, K] tensor that w ([S, K, N]) transposes, if it is one (the
             weights as sampled, rows of K contiguous): then no packing copy is needed."""
-            value = self.lookup_binding(w) if isinstance(w, relax.Var) else None
-            if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)):
+            call = self._bound(w, "relax.permute_dims")
+            axes = None if call is None else call.attrs.axes
+            if axes is None or [int(a) for a in axes] != [0, 2, 1]:
                 return None
-            axes = getattr(value.attrs, "axes", None)
-            if value.op.name != "relax.permute_dims" or axes is None:
-                return None
-            src = value.args[0]
-            if [int(a) for a in axes] != [0, 2, 1] or isinstance(src, Constant):
+            src = call.args[0]
+            if isinstance(src, Constant):
                 return None  # constant weights (an ensemble's) are packed once, at build
             return src
 
@@ -342,10 +343,11 @@ def _written_shape(sch: Any, block: Any) -> list[int] | None:
 def _conv_weights(sch: Any, block: Any, lanes: int) -> int | None:
     """The read index of an NCHW conv's OIHW weights when its output channels are whole
     vectors (the channel-tiled schedule applies), else None."""
-    iters = sch.get(block).iter_vars
-    kinds = [it.iter_type != 0 for it in iters]
-    if kinds != [False] * 4 + [True] * 3 or int(iters[1].dom.extent) % lanes:
+    from plugins.backends.tvm import schedules
+
+    if not schedules.channel_tiles_fit(sch, block, lanes):
         return None
+    iters = sch.get(block).iter_vars
     for i, read in enumerate(sch.get(block).reads):
         first = read.region[0].min if len(read.region) == 4 else None
         if first is not None and first.same_as(iters[1].var):

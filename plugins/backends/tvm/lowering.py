@@ -54,7 +54,7 @@ def _weights(op: MomentOp, transpose: bool, rows: int = 0, cols: int = 0) -> lis
     bs = [mean_b, var_b]
     if not transpose and ws[0].dim() == 4:
         ws = [w.detach().permute(1, 2, 3, 0) for w in ws]
-    if transpose:
+    elif transpose:
         ws = [w.detach().t() for w in ws]
         fan_in, fan_out = ws[0].shape
         pad_in, pad_out = max(0, rows - fan_in), max(0, cols - fan_out)

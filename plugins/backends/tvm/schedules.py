@@ -177,10 +177,18 @@ def _conv_channels(sch: s_tir.Schedule, block, lanes: int, epilogues: list) -> N
         sch.vectorize(sch.get_loops(stage)[-1])
 
 
+def channel_tiles_fit(sch: s_tir.Schedule, block, lanes: int) -> bool:
+    """Whether _conv_channels applies: an NCHW conv (four spatial axes, three reduction
+    axes) whose output channels are whole vectors."""
+    iters = sch.get(block).iter_vars
+    kinds = [it.iter_type != 0 for it in iters]
+    return kinds == [False] * 4 + [True] * 3 and int(iters[1].dom.extent) % lanes == 0
+
+
 def _channel_tiled(sch: s_tir.Schedule, name: str, block, lanes: int) -> bool:
     """Conv moments whose output channels are whole vectors get _conv_channels."""
     is_conv = name.startswith("conv") and name.endswith("_moments")
-    return is_conv and int(sch.get(block).iter_vars[1].dom.extent) % lanes == 0
+    return is_conv and channel_tiles_fit(sch, block, lanes)
 
 
 def schedule_func(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
