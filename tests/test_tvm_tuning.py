@@ -99,3 +99,26 @@ def test_records_change_the_built_kernels(tuned: tuple[Path, dict]) -> None:
     assert len(kernels) == 3 and hits == len(recorded) >= 2
     for gv in recorded:
         assert not tvm_ffi.structural_equal(tuned[gv].body, fused[gv].body), gv.name_hint
+
+
+def test_workloads_without_a_reduction_search_a_small_population() -> None:
+    """The ReLU moments' space is a point or two: a 512-strong population spent 15 min on
+    empty generations after the first trial. Layers with a reduction keep TVM's 512."""
+    import tvm
+    from tvm import tirx
+
+    from plugins.backends.tvm import lowering, tuning
+    from plugins.backends.tvm.backend import host_target
+
+    mod = lowering.to_relax(_program(0).moment_ops(), (3, 12))
+    with host_target():
+        fused = tvm.transform.Sequential(tuning.fuse_passes())(mod)
+    kinds = {
+        gv.name_hint: tuning.spatial_only(f)
+        for gv, f in fused.functions.items()
+        if isinstance(f, tirx.PrimFunc)
+    }
+    assert sorted(kinds.values()) == [False, False, True], kinds
+    assert tuning.population(300, spatial=True) == 64
+    assert tuning.population(300, spatial=False) == 512
+    assert tuning.population(2, spatial=False) == 64

@@ -147,13 +147,53 @@ def build(
     return ex, info
 
 
-def population(per_task: int) -> int:
+def population(per_task: int, spatial: bool = False) -> int:
     """The evolutionary search's population for a budget of `per_task` measurements.
 
-    TVM's 512 suits budgets of a thousand trials; each of its generations ranks the whole
-    population with the cost model, which took about 100 s per generation for one ReLU
-    moment workload here, to pick one candidate when a build measures one."""
+    TVM's 512 suits budgets of a thousand trials on workloads with a reduction. A
+    workload without one (the ReLU moments, Clark's max-pool) gets only parallel /
+    vectorise annotations: a space of one or a few points, exhausted by the first trial.
+    The search still runs five empty generations before it stops, and at 512 each ranked
+    the whole population with the cost model: 2.5 to 4 min per generation for one ReLU
+    moment workload here. At 64 the whole search of that workload took 2 min 39 s."""
+    if spatial:
+        return 64
     return min(512, max(64, 32 * per_task))
+
+
+def spatial_only(func: tirx.PrimFunc) -> bool:
+    """No block of `func` reduces (elementwise, broadcast, layout work)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    return all(it.iter_type == 0 for b in blocks for it in sch.get(b).iter_vars)
+
+
+def _contexts(tasks: list, logs: Path, per_task: int, workers: int) -> list:
+    """relax_integration.extracted_tasks_to_tune_contexts, with a search strategy per task
+    (its population depends on the workload). One call for all tasks: each call of
+    MetaSchedule's logger setup replaces the handlers of the loggers set up before it."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
+    loggers = get_loggers_from_work_dir(str(logs), [t.task_name for t in tasks])
+    out = []
+    for task, logger, seed in zip(tasks, loggers, fork_seed(0, n=len(tasks)), strict=True):
+        pop = population(per_task, spatial_only(task.dispatched[0]["main"]))
+        context = ms.TuneContext(
+            mod=task.dispatched[0],
+            target=task.target,
+            space_generator="post-order-apply",
+            search_strategy=ms.search_strategy.EvolutionarySearch(population_size=pop),
+            task_name=task.task_name,
+            logger=logger,
+            rand_state=seed,
+            num_threads=workers,
+        )
+        out.append(context.clone())
+    return out
 
 
 def _metaschedule(
@@ -206,20 +246,14 @@ def _metaschedule(
             ms_logger.removeHandler(handler)
             handler.close()
         per_task = max(1, -(-trials // len(todo)))  # every workload gets its share
-        contexts, weights = ri.extracted_tasks_to_tune_contexts(
-            todo,
-            str(work / "logs"),
-            strategy=ms.search_strategy.EvolutionarySearch(population_size=population(per_task)),
-            num_threads=workers,
-            seed=0,
-        )
+        contexts = _contexts(todo, work / "logs", per_task, workers)
         with measure() as how:
             # The runner keeps a worker process (`tvm.exec.popen_worker`) until its pool is
             # shut down; left to garbage collection it outlived the command that started it.
             try:
                 ms.tune.tune_tasks(
                     tasks=contexts,
-                    task_weights=weights,
+                    task_weights=[t.weight for t in todo],
                     work_dir=str(work / "logs"),
                     max_trials_global=per_task * len(todo),
                     max_trials_per_task=per_task,
