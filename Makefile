@@ -34,12 +34,18 @@ $(DATA_STAMP): plugins/datasets/packaged.sha256 | $(STAMP)
 demo: $(STAMP) $(DATA_STAMP)
 	$(BIN)/bnn-harness run +experiment=demo
 
+# One pytest-xdist worker per CPU (the tests are mostly single-threaded builds, emulation
+# and subprocesses); `--dist loadgroup` keeps the emulated board's tests in one worker.
+# TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= logical
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP) $(DATA_STAMP)
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 # The unit suite without the end-to-end tests (those marked slow): minutes, not tens of them.
 test-fast: $(STAMP) $(DATA_STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

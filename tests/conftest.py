@@ -35,6 +35,26 @@ def store_overrides(root: Path) -> list[str]:
     ]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `make test`'s workers (pytest-xdist, --dist loadgroup) every test on the
+    emulated board runs in one worker: the board is one server on one port, started by
+    the first test that needs it."""
+    for item in items:
+        if "arm_board" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("arm_board"))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Lines a test left for the closing summary (user property "summary"): they come back
+    from xdist's workers with the test's report, where a worker's own output is lost."""
+    for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get(
+        "failed", []
+    ):
+        for key, value in getattr(report, "user_properties", []):
+            if key == "summary" and report.when == "call":
+                terminalreporter.write_line(str(value))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _schemas() -> None:
     config.register(registry.default())

