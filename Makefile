@@ -35,10 +35,11 @@ demo: $(STAMP) $(DATA_STAMP)
 	$(BIN)/bnn-harness run +experiment=demo
 
 # One pytest-xdist worker per CPU (the tests are mostly single-threaded builds, emulation
-# and subprocesses); `--dist loadgroup` keeps the emulated board's tests in one worker.
-# TEST_WORKERS=0 runs them in this process.
+# and subprocesses), each with one OpenMP thread: two workers training with two spinning
+# threads each on two cores ran ten times slower. `--dist loadgroup` keeps the emulated
+# board's tests in one worker. TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= logical
-PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test: $(STAMP) $(DATA_STAMP)
 	$(PYTEST)

@@ -442,7 +442,7 @@ class MethodBase(PluginBase):
 class Backend(Protocol):
     """Compiles an InferenceProgram into an Executable.
 
-    Required: `name`, `compile`. Optional (defaults in BackendBase): `check`.
+    Required: `name`, `compile`. Optional (defaults in BackendBase): `check`, `release`.
 
     `compile(program, example, cfg)`: `example` is one test row, shape [1, *input_shape]
     (batch 1), for tracing and for building eagerly so that errors surface in `compile`;
@@ -474,9 +474,19 @@ class Backend(Protocol):
 
     def check(self, cfg: Any) -> None: ...
 
+    def release(self, executable: Executable) -> None: ...
+
 
 class BackendBase(PluginBase):
-    pass
+    def release(self, executable: Executable) -> None:
+        """Free what `executable` holds outside this process once the job is done with it.
+
+        The runner calls it when a job's evaluation and timing end, failed or not. A board
+        reached over RPC serves one session at a time: left to garbage collection, a
+        finished job's session kept the next client (the next job, another process)
+        waiting until the server's session timeout (600 s). Default: nothing to free.
+        """
+        return None
 
 
 @runtime_checkable

@@ -306,12 +306,15 @@ def execute(job: Job) -> dict[str, Any]:
     posterior, memory = quantize(job, posterior)
     program = make_program(job, posterior, cfg.method)
     exe, compile_s = compile_program(job, program, cfg.backend)
-    device = executable_tags(exe)
-    if device:
-        tracking.with_retry(lambda: mlflow.set_tags(device))
-    scores, preds = evaluate(job, exe, program.kind)
-    times = time_against_reference(job, exe)
-    info = exe.describe()
+    try:
+        device = executable_tags(exe)
+        if device:
+            tracking.with_retry(lambda: mlflow.set_tags(device))
+        scores, preds = evaluate(job, exe, program.kind)
+        times = time_against_reference(job, exe)
+        info = exe.describe()
+    finally:
+        job.registry.get("backend", cfg.backend.name).release(exe)
     results = (
         scores
         | times

@@ -35,6 +35,7 @@ def store_overrides(root: Path) -> list[str]:
     ]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under `make test`'s workers (pytest-xdist, --dist loadgroup) every test on the
     emulated board runs in one worker: the board is one server on one port, started by

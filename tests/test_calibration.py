@@ -36,11 +36,13 @@ def scores(tmp_path_factory, _schemas) -> dict[str, dict[str, float]]:
 
 @pytest.mark.parametrize("method", ["svi", "ensemble"])
 def test_at_least_as_calibrated_as_map(scores, method: str) -> None:
-    """NLL (a proper score) strictly; ECE within its sampling noise: 15 bins over the 450
-    test images move it by about 0.01 between runs that differ only in float summation
-    order (SVI 0.026 against 0.021 with one torch thread, below it with two)."""
+    """Within one seed's noise: runs that differ only in float summation order (one torch
+    thread or two) moved SVI's ECE from below the deterministic network's 0.021 to 0.026
+    and its NLL from below 0.128 to 0.130 (15 ECE bins over 450 test images). A broken
+    posterior is far outside that; one collapsed onto its mean is caught by the OOD test
+    below."""
     assert scores[method]["cal/ece"] <= scores["deterministic"]["cal/ece"] + 0.01
-    assert scores[method]["cal/nll"] <= scores["deterministic"]["cal/nll"]
+    assert scores[method]["cal/nll"] <= 1.05 * scores["deterministic"]["cal/nll"]
     assert scores[method]["cls/acc"] >= 0.9
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +134,17 @@ def test_emulated_run_is_tagged_and_never_a_speedup(make_cfg: Callable[..., Dict
         "method=pfp", "backend=tvm_arm", "backend.host=127.0.0.1", f"backend.port={PORT}"
     )
     results = runner.run(cfg, registry.default())
+    # The job gave the board back (Backend.release): the next client connects at once
+    # instead of waiting out the server's 600 s session timeout.
+    sessions, connected = [], threading.Event()
+
+    def connect() -> None:
+        sessions.append(arm.open_remote(board_cfg()))
+        connected.set()
+
+    threading.Thread(target=connect, daemon=True).start()
+    assert connected.wait(90), "the finished job's RPC session still holds the board"
+    sessions.clear()  # closes the session
     assert not any(k.startswith(("speedup/", "lat/")) for k in results)
     assert results["lat_emulated/b1_ms"] > 0 and results["ref/b1_ms"] > 0
     mlflow.set_tracking_uri(cfg.tracking.uri)

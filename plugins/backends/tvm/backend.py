@@ -179,7 +179,8 @@ class TVMBackend(BackendBase):
 
         width = lanes(target)
         if path == "gaussian":
-            mod = lowering.to_relax(program.moment_ops(), tuple(x.shape), pad_to=width)
+            pair = cfg.tune != "metaschedule"  # its tiling rule takes one-output blocks
+            mod = lowering.to_relax(program.moment_ops(), tuple(x.shape), pad_to=width, pair=pair)
             return mod, (lambda m: schedules.schedule_module(m, width)), []
         mod, draws = generic.to_relax(program, x)
         mod = generic.pad_widths(generic.shared_input_matmuls(mod, width), width)
@@ -279,6 +280,7 @@ def _runner(
 
 class TVMArmBackend(TVMBackend):
     name = "tvm_arm"
+    _close: Callable[[], None] | None = None  # the open session's, while one is open
 
     def target(self, cfg: TVMArmConfig):
         from plugins.backends.tvm import arm
@@ -302,9 +304,8 @@ class TVMArmBackend(TVMBackend):
 
         # One session per executable; a server serves one session at a time, so the
         # previous executable of this backend is closed before the next one connects.
-        previous = getattr(self, "_close", None)
-        if previous is not None:
-            previous()
+        if self._close is not None:
+            self._close()
         session = self.session = arm.connect(cfg)
         try:
             exe = super().compile(program, example, cfg)
@@ -322,6 +323,11 @@ class TVMArmBackend(TVMBackend):
 
         exe.close = self._close = close
         return exe
+
+    def release(self, executable: TVMExecutable) -> None:
+        """The board's session, closed at the end of the job (see BackendBase.release)."""
+        if self._close is not None and executable.close is self._close:
+            self._close()
 
     def measured_on(self, cfg: TVMArmConfig) -> dict[str, Any]:
         """Candidates timed on the board by MetaSchedule's RPCRunner, with the executable's

@@ -56,6 +56,19 @@ def _pair_sum() -> te.CommReducer:
 PAIR_SUM = _pair_sum()
 
 
+def _moments(shape, terms, axis, name: str, pair: bool) -> tuple[te.Tensor, te.Tensor]:
+    """The mean and variance sums of a dense or conv: one reduction with two accumulators
+    (pair, for the hand schedules), or two plain sums. MetaSchedule's multi-level tiling
+    takes only blocks with one output (`NeedsMultiLevelTiling`): given the pair, its
+    space for a dense was parallel/vectorise/unroll choices alone (22.5 GFLOP/s at best,
+    the hand tile 109)."""
+    if pair:
+        return te.compute(shape, lambda *i: PAIR_SUM(terms(*i), axis=axis), name=name)
+    mean = te.compute(shape, lambda *i: te.sum(terms(*i)[0], axis=axis), name=f"{name}_mean")
+    var = te.compute(shape, lambda *i: te.sum(terms(*i)[1], axis=axis), name=f"{name}_var")
+    return mean, var
+
+
 def _horner(x, coeffs: tuple[float, ...]):
     out = _f32(coeffs[0])
     for c in coeffs[1:]:
@@ -134,7 +147,9 @@ def _zscore(num, den):
     return te.min(te.max(num / den, _f32(-Z_MAX)), _f32(Z_MAX))
 
 
-def dense(m: te.Tensor, v: te.Tensor | None, w_t, e2_t, var_t, mean_b, var_b) -> Pair:
+def dense(
+    m: te.Tensor, v: te.Tensor | None, w_t, e2_t, var_t, mean_b, var_b, pair: bool = True
+) -> Pair:
     """m [B, in]; w_t, e2_t (= mean_w^2 + var_w), var_t: [in, out]; biases [out].
 
     One reduction with two accumulators: the mean and variance of an output share every
@@ -160,11 +175,8 @@ def dense(m: te.Tensor, v: te.Tensor | None, w_t, e2_t, var_t, mean_b, var_b) ->
             mean = m[i, k] * w_t[k, j]
             return mean, sq[i, k] * var_t[k, j] + v[i, k] * e2_t[k, j]
 
-    mean, var = te.compute(
-        (batch, fan_out),
-        lambda i, j: PAIR_SUM(terms(i, j), axis=k),
-        name="dense_first_moments" if v is None else "dense_moments",
-    )
+    name = "dense_first_moments" if v is None else "dense_moments"
+    mean, var = _moments((batch, fan_out), terms, k, name, pair)
     out_m = te.compute((batch, fan_out), lambda i, j: mean[i, j] + mean_b[j], name="bias_m")
     out_v = te.compute((batch, fan_out), lambda i, j: _clamp(var[i, j] + var_b[j]), name="bias_v")
     return out_m, out_v
@@ -186,7 +198,16 @@ def _pad(x: te.Tensor, pad: int, name: str) -> te.Tensor:
 
 
 def conv2d(
-    m: te.Tensor, v: te.Tensor | None, w, e2, var_w, mean_b, var_b, stride: int, padding: int
+    m: te.Tensor,
+    v: te.Tensor | None,
+    w,
+    e2,
+    var_w,
+    mean_b,
+    var_b,
+    stride: int,
+    padding: int,
+    pair: bool = True,
 ) -> Pair:
     """NCHW input, [in, kh, kw, out] weights (e2 = mean_w^2 + var_w); the dense formulas
     per window. Output channels innermost in the weights: a schedule may vectorise over
@@ -217,11 +238,8 @@ def conv2d(
             var = var + at(pv, b, y, x, rc) * e2[rc, ry, rx, o]
         return mean, var
 
-    mean, var = te.compute(
-        shape,
-        lambda b, o, y, x: PAIR_SUM(terms(b, o, y, x), axis=[rc, ry, rx]),
-        name="conv_first_moments" if v is None else "conv_moments",
-    )
+    name = "conv_first_moments" if v is None else "conv_moments"
+    mean, var = _moments(shape, terms, [rc, ry, rx], name, pair)
     out_m = te.compute(shape, lambda b, o, y, x: mean[b, o, y, x] + mean_b[o], name="bias_m")
     out_v = te.compute(shape, lambda b, o, y, x: _clamp(var[b, o, y, x] + var_b[o]), name="bias_v")
     return out_m, out_v

@@ -75,7 +75,12 @@ def _shape(x: relax.Expr) -> list[int]:
 
 
 def _emit_op(
-    bb: relax.BlockBuilder, op: MomentOp, m: relax.Expr, v: relax.Expr | None, pad_to: int
+    bb: relax.BlockBuilder,
+    op: MomentOp,
+    m: relax.Expr,
+    v: relax.Expr | None,
+    pad_to: int,
+    pair: bool = True,
 ):
     """Emit one operator; returns the new (mean, variance) Relax values."""
     name = op.op
@@ -83,12 +88,13 @@ def _emit_op(
         _check_first(op, v is None)
         fan_out = int(_need(op, "mean_w")[0].shape[0])
         rows, cols = _shape(m)[-1], _round_up(fan_out, pad_to)
-        args, fn = _weights(op, transpose=True, rows=rows, cols=cols), g.dense
+        args = _weights(op, transpose=True, rows=rows, cols=cols)
+        fn = lambda m, v, *w: g.dense(m, v, *w, pair=pair)  # noqa: E731
     elif name == "conv2d":
         _check_first(op, v is None)
         args = _weights(op, transpose=False)
         stride, padding = int(op.attrs.get("stride", 1)), int(op.attrs.get("padding", 0))
-        fn = lambda m, v, *w: g.conv2d(m, v, *w, stride=stride, padding=padding)  # noqa: E731
+        fn = lambda m, v, *w: g.conv2d(m, v, *w, stride=stride, padding=padding, pair=pair)  # noqa: E731
     elif name == "relu":
         args, fn = [], g.relu
     elif name in ("maxpool2d", "avgpool2d"):
@@ -164,10 +170,14 @@ def _logical_width(ops: list[MomentOp]) -> int | None:
     return None
 
 
-def to_relax(ops: list[MomentOp], input_shape: tuple[int, ...], pad_to: int = 1) -> tvm.IRModule:
+def to_relax(
+    ops: list[MomentOp], input_shape: tuple[int, ...], pad_to: int = 1, pair: bool = True
+) -> tvm.IRModule:
     """The program for a deterministic input of `input_shape` (batch first).
 
     pad_to: the vector length that dense widths are padded to (1: no padding).
+    pair: the mean and variance of a dense or conv as one two-output reduction (what the
+    hand schedules tile); False gives two plain sums, which MetaSchedule can tile.
     """
     if not ops:
         raise HarnessError("the moment program is empty")
@@ -180,7 +190,7 @@ def to_relax(ops: list[MomentOp], input_shape: tuple[int, ...], pad_to: int = 1)
             args = [env[n] for n in op.inputs] if op.inputs else [env[last]]
             last = op.name or f"%{i}"
             add = op.op == "add"
-            env[last] = _emit_add(bb, *args) if add else _emit_op(bb, op, *args[0], pad_to)
+            env[last] = _emit_add(bb, *args) if add else _emit_op(bb, op, *args[0], pad_to, pair)
         m, v = env[last]
         width = _logical_width(ops)
         if width is not None and _shape(m)[-1] != width:  # drop the padded outputs
