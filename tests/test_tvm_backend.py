@@ -336,3 +336,32 @@ def test_pfp_run_on_tvm_logs_to_mlflow(make_cfg, tmp_path: Path) -> None:
     backend = json.loads(info.read_text())["backend"]
     assert backend["path"] == "gaussian" and "mcpu" in backend["target"]
     assert backend["tuning"] == "default" and 1 in backend["batch_sizes_built"]
+
+
+def test_a_tvm_job_after_another_backends_job_gets_every_core() -> None:
+    """In a sweep process the TVM backend is imported by the first job that asks for any
+    backend, whose environment the runner restores afterwards. TVM sizes its thread pool
+    once, from TVM_NUM_THREADS: set at import, that variable was gone by the TVM job, whose
+    pool then had one thread of two (PFP at batch 1000: 1.80 ms against 1.00), and TVM
+    bound the process's main thread to one core, so every later job of the sweep ran on
+    one core too."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from harness.isolation import job_state\n"
+        "with job_state():\n"
+        "    import plugins.backends.tvm.backend as b\n"
+        "cores = len(os.sched_getaffinity(0))\n"
+        "import tvm\n"
+        "b.use_threads(cores)\n"
+        "print(cores, tvm.runtime.num_threads(), len(os.sched_getaffinity(0)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    cores, pool, after = done.stdout.split()
+    assert pool == cores and after == cores, done.stdout

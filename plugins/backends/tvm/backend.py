@@ -69,10 +69,6 @@ def available_cores() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
 
-# TVM sizes its (thread-local) pool once, on first use, from TVM_NUM_THREADS or else half
-# the logical CPUs; later reconfiguration can only use fewer. So the pool is made as large
-# as the machine before TVM starts one, and each executable picks its count per call.
-os.environ.setdefault("TVM_NUM_THREADS", str(available_cores()))
 _threads_now = [0]
 
 
@@ -86,6 +82,15 @@ def use_threads(n: int) -> None:
     """Resize TVM's thread pool of the calling thread to n workers (a no-op when it is)."""
     import tvm
 
+    if _threads_now[0] == 0:
+        # TVM sizes its (thread-local) pool once, on first use, from TVM_NUM_THREADS or
+        # else half the logical CPUs; later reconfiguration can only use fewer. So the
+        # pool is made as large as the machine as it starts, and each executable picks its
+        # count per call. Set here, not at import: in a sweep the import happens in the
+        # first job that asks for any backend, and the runner restores each job's
+        # environment after it, so a TVM job after an ONNX Runtime one got a pool of one
+        # thread (PFP at batch 1000: 1.80 ms, against 1.00 as the sweep's first job).
+        os.environ.setdefault("TVM_NUM_THREADS", str(available_cores()))
     if _threads_now[0] != n:
         tvm.get_global_func("runtime.config_threadpool")(1, n)
         _threads_now[0] = n
