@@ -10,6 +10,8 @@ import hashlib
 import importlib.metadata
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +222,18 @@ def compile_program(
     return exe, time.perf_counter() - start
 
 
+@contextmanager
+def compiled(
+    job: Job, program: InferenceProgram, backend_cfg: DictConfig
+) -> Iterator[tuple[Executable, float]]:
+    """compile_program, and the backend's `release` once the block is done with it."""
+    exe, seconds = compile_program(job, program, backend_cfg)
+    try:
+        yield exe, seconds
+    finally:
+        job.registry.get("backend", backend_cfg.name).release(exe)
+
+
 def predict(exe: Executable, kind: str, x: Tensor, chunk: int, moment_samples: int) -> Predictive:
     """Predictions in chunks; the entropy split of moments is sampled outside the program."""
     parts = [
@@ -249,18 +263,17 @@ def time_against_reference(job: Job, exe: Executable) -> dict[str, float]:
     # whatever compiling the reference changed; the settings are logged with the timings.
     threads = isolation.ThreadSettings.current()
     ref_post, _ = fit_or_load(job, cfg.reference.method)
-    ref, _ = compile_program(
-        job, make_program(job, ref_post, cfg.reference.method), cfg.reference.backend
-    )
-    threads.apply()
-    tracking.log_params(threads.params())
-    pool = job.data.test[0]
+    ref_program = make_program(job, ref_post, cfg.reference.method)
+    with compiled(job, ref_program, cfg.reference.backend) as (ref, _):
+        threads.apply()
+        tracking.log_params(threads.params())
+        pool = job.data.test[0]
 
-    def make_input(b: int) -> Tensor:
-        return pool[torch.arange(b) % len(pool)]
+        def make_input(b: int) -> Tensor:
+            return pool[torch.arange(b) % len(pool)]
 
-    times = timing.compare(exe, ref, make_input, batch_sizes(cfg), cfg.timing)
-    return apart_if_emulated(times, executable_tags(exe), executable_tags(ref))
+        times = timing.compare(exe, ref, make_input, batch_sizes(cfg), cfg.timing)
+        return apart_if_emulated(times, executable_tags(exe), executable_tags(ref))
 
 
 def executable_tags(exe: Executable) -> dict[str, str]:
@@ -305,16 +318,13 @@ def execute(job: Job) -> dict[str, Any]:
     fit_s = time.perf_counter() - start
     posterior, memory = quantize(job, posterior)
     program = make_program(job, posterior, cfg.method)
-    exe, compile_s = compile_program(job, program, cfg.backend)
-    try:
+    with compiled(job, program, cfg.backend) as (exe, compile_s):
         device = executable_tags(exe)
         if device:
             tracking.with_retry(lambda: mlflow.set_tags(device))
         scores, preds = evaluate(job, exe, program.kind)
         times = time_against_reference(job, exe)
         info = exe.describe()
-    finally:
-        job.registry.get("backend", cfg.backend.name).release(exe)
     results = (
         scores
         | times

@@ -370,9 +370,7 @@ def schedule_func(func: Any, lanes: int) -> Any | None:
 
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    reductions = [
-        i for i, b in enumerate(blocks) if any(it.iter_type != 0 for it in sch.get(b).iter_vars)
-    ]
+    reductions = [i for i, b in enumerate(blocks) if schedules.reduces(sch, b)]
     if len(reductions) != 1:
         return None
     at = reductions[0]
@@ -457,7 +455,7 @@ def schedule_injective(func: Any, lanes: int) -> Any | None:
 
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    if any(it.iter_type != 0 for b in blocks for it in sch.get(b).iter_vars):
+    if any(schedules.reduces(sch, b) for b in blocks):
         return None
     try:
         for block in blocks[:-1]:

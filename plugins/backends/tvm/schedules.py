@@ -53,10 +53,15 @@ def _extent_of(sch: s_tir.Schedule, loops: list) -> int:
     return out
 
 
+def reduces(sch: s_tir.Schedule, block) -> bool:
+    """Whether the block has a reduction axis (a matmul, conv or pooling window)."""
+    return any(it.iter_type != 0 for it in sch.get(block).iter_vars)
+
+
 def _elementwise(sch: s_tir.Schedule, block, lanes: int) -> None:
     loops = sch.get_loops(block)
     iters = sch.get(block).iter_vars
-    if any(it.iter_type != 0 for it in iters):  # pooling windows: parallel, window inner
+    if reduces(sch, block):  # pooling windows: parallel, window inner
         spatial = [lp for lp, it in zip(loops, iters, strict=True) if it.iter_type == 0]
         sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
         return

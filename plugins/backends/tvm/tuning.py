@@ -165,9 +165,10 @@ def spatial_only(func: tirx.PrimFunc) -> bool:
     """No block of `func` reduces (elementwise, broadcast, layout work)."""
     from tvm import s_tir
 
+    from plugins.backends.tvm import schedules
+
     sch = s_tir.Schedule(func)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    return all(it.iter_type == 0 for b in blocks for it in sch.get(b).iter_vars)
+    return not any(schedules.reduces(sch, b) for b in sch.get_child_blocks(sch.get_sblock("root")))
 
 
 def _contexts(tasks: list, logs: Path, per_task: int, workers: int) -> list:
