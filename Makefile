@@ -36,9 +36,10 @@ demo: $(STAMP) $(DATA_STAMP)
 
 # One pytest-xdist worker per CPU (the tests are mostly single-threaded builds, emulation
 # and subprocesses), each with one OpenMP thread: two workers training with two spinning
-# threads each on two cores ran ten times slower. `--dist loadgroup` is meant to keep the
-# emulated board's tests in one worker, but a -k selection of them was seen split over two
-# (the second found the board busy); TEST_WORKERS=0 runs everything in this process.
+# threads each on two cores ran ten times slower. `--dist loadgroup` keeps the emulated
+# board's tests in one worker (the board serves one client at a time); with pytest 9.2 it
+# silently does not (hence pytest<9.2 in the dev extra, and conftest fails the board tests
+# if it happens). TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= logical
 PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 

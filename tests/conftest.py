@@ -45,6 +45,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group("arm_board"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _board_tests_grouped(request: pytest.FixtureRequest) -> None:
+    """A worker whose board tests lost their group finds the board busy half-way through
+    the run; fail every test at once with the cause instead (pytest 9.2 with xdist 3.8)."""
+    if not getattr(request.config.option, "loadgroup", False):
+        return
+    board = [i.nodeid for i in request.session.items if "arm_board" in i.fixturenames]
+    lost = [nodeid for nodeid in board if not nodeid.endswith("@arm_board")]
+    if lost:
+        pytest.fail(
+            f"pytest-xdist did not group {lost[0]} with the other board tests "
+            "(pytest-xdist#1386): install pytest<9.2 or run with TEST_WORKERS=0"
+        )
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """Lines a test left for the closing summary (user property "summary"): they come back
     from xdist's workers with the test's report, where a worker's own output is lost."""
