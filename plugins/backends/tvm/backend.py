@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,11 +66,23 @@ def lanes(target) -> int:
     return 4  # NEON, SSE and anything else with 128-bit vectors
 
 
+# TVM's ThreadGroup::kSpecifyThreadShareAllCore: workers may run on any core in the list.
+SHARE_ALL_CORES = -3
+
+
+def cores_here() -> list[int]:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0)) or [0]
+    return list(range(os.cpu_count() or 1))
+
+
 def available_cores() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    return len(cores_here())
 
 
-_threads_now = [0]
+# TVM's thread settings are thread-local, so is the record of what this thread set.
+_threads_now = threading.local()
 
 
 def thread_count(cfg: TVMConfig) -> int:
@@ -79,21 +92,23 @@ def thread_count(cfg: TVMConfig) -> int:
 
 
 def use_threads(n: int) -> None:
-    """Resize TVM's thread pool of the calling thread to n workers (a no-op when it is)."""
+    """n workers for TVM's kernels called from this thread (a no-op when it has them).
+
+    TVM decides per parallel launch whether to run serially, from TVM_NUM_THREADS (else
+    OMP_NUM_THREADS, else half the logical CPUs) read at that moment, unless the calling
+    thread has configured its pool with an explicit CPU list; and it sizes the pool once,
+    on first use, from the same number. Setting the variable was not enough: the runner
+    restores each job's environment, so in a sweep every TVM job after the first ran its
+    kernels on one thread (PFP at batch 1000: 1.68 ms against 1.04 as the first job). The
+    CPU list, this process's cores shared by all workers, fixes both for the thread's
+    lifetime, whatever the environment says later.
+    """
     import tvm
 
-    if _threads_now[0] == 0:
-        # TVM sizes its (thread-local) pool once, on first use, from TVM_NUM_THREADS or
-        # else half the logical CPUs; later reconfiguration can only use fewer. So the
-        # pool is made as large as the machine as it starts, and each executable picks its
-        # count per call. Set here, not at import: in a sweep the import happens in the
-        # first job that asks for any backend, and the runner restores each job's
-        # environment after it, so a TVM job after an ONNX Runtime one got a pool of one
-        # thread (PFP at batch 1000: 1.80 ms, against 1.00 as the sweep's first job).
-        os.environ.setdefault("TVM_NUM_THREADS", str(available_cores()))
-    if _threads_now[0] != n:
-        tvm.get_global_func("runtime.config_threadpool")(1, n)
-        _threads_now[0] = n
+    if getattr(_threads_now, "n", 0) != n:
+        cores = [str(c) for c in cores_here()]
+        tvm.get_global_func("runtime.config_threadpool")(SHARE_ALL_CORES, n, cores)
+        _threads_now.n = n
 
 
 def to_torch(out: Any) -> Any:
