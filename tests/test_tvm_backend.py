@@ -404,3 +404,40 @@ def test_a_tvm_job_later_in_a_sweep_gets_every_core(first_runs_tvm: bool) -> Non
     assert after == cores, done.stdout  # the main thread still has every core
     # Two threads each doing half the work: about 0.5 off the main thread; serially, 0.
     assert float(share) > 0.25, done.stdout
+
+
+def test_one_thread_is_chosen_only_where_it_measured_faster() -> None:
+    import time
+
+    from plugins.backends.tvm.backend import faster_alone
+
+    calls = {"alone": 0}
+    x = torch.zeros(1, 4)
+
+    def sleeper(seconds: float, key: str | None = None):
+        def run(_x):
+            if key:
+                calls[key] += 1
+            time.sleep(seconds)
+
+        return run
+
+    assert faster_alone(sleeper(0), sleeper(0.002), x)
+    assert not faster_alone(sleeper(0.002), sleeper(0), x)
+    # a call of more than 5 ms is the pool's without measuring the single thread
+    assert not faster_alone(sleeper(0, "alone"), sleeper(0.006), x)
+    assert calls["alone"] == 0
+
+
+def test_threads_by_batch_says_what_each_batch_size_runs_on(x) -> None:
+    import os
+
+    program = SinglePass(_factory()().eval())
+    cores = len(os.sched_getaffinity(0))
+    auto = TVMBackend().compile(program, x, TVMConfig(tune="none"))
+    auto(x[:1])
+    chosen = auto.describe()["threads_by_batch"]
+    assert sorted(chosen) == sorted({x.shape[0], 1})
+    assert set(chosen.values()) <= {1, cores}
+    fixed = TVMBackend().compile(program, x, TVMConfig(tune="none", threads=2))
+    assert fixed.describe()["threads_by_batch"] == {x.shape[0]: 2}  # as asked, not measured

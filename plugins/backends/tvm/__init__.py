@@ -24,7 +24,8 @@ class TVMConfig:
     path: str = "auto"  # auto | gaussian | generic (auto: Gaussian library when possible)
     mcpu: str = ""  # empty: LLVM's name for this host's CPU
     # TVM's thread pool size; 0: every core this process may run on (TVM's own default
-    # is half the logical CPUs on x86, one thread on a 2-core machine)
+    # is half the logical CPUs on x86, one thread on a 2-core machine), or one thread at a
+    # batch size where one measured faster when it was built (describe: threads_by_batch)
     threads: int = 0
 
 
