@@ -177,10 +177,20 @@ def sample_draws(
 
     out: buffers of the draws' shapes, refilled in place. A compiled executable that owns
     its inputs reuses them call after call: a fresh 31 MB tensor (SVI's MLP at batch 100)
-    costs its page faults on every call, 36 ms to draw instead of 27 here."""
-    if out is None:
-        return [d.sample(generator) for d in draws]
-    return [d.sample(generator, buf) for d, buf in zip(draws, out, strict=True)]
+    costs its page faults on every call, 36 ms to draw instead of 27 here.
+
+    Drawn on one PyTorch thread: the generators are serial anyway, and a parallel
+    comparison (a Bernoulli mask) left PyTorch's OpenMP worker spinning for milliseconds
+    on the core that the compiled program's own workers then needed (MC dropout's MLP at
+    batch 100 on TVM, two cores: 8.4 ms in TVM's kernels instead of 1.2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if out is None:
+            return [d.sample(generator) for d in draws]
+        return [d.sample(generator, buf) for d, buf in zip(draws, out, strict=True)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def draw_buffers(draws: list[Draw]) -> list[Tensor]:

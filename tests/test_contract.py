@@ -187,6 +187,28 @@ def test_dropout_is_a_bernoulli_keep_mask(x) -> None:
         assert not torch.allclose(exported(x, *sample_draws([draw])), module(x, *noise))
 
 
+def test_draws_are_made_on_one_torch_thread(monkeypatch) -> None:
+    """A parallel comparison left PyTorch's OpenMP worker spinning on the core that a
+    compiled program's workers needed next (8.4 ms instead of 1.2 in TVM's kernels)."""
+    seen: list[int] = []
+    sample = Draw.sample
+
+    def spy(self, generator=None, out=None):
+        seen.append(torch.get_num_threads())
+        return sample(self, generator, out)
+
+    monkeypatch.setattr(Draw, "sample", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        draws = [Draw("a", (4,), "normal"), Draw("b", (4,), "bernoulli(0.5)")]
+        sample_draws(draws)
+        sample_draws(draws, out=[torch.empty(4), torch.empty(4)])
+        assert seen == [1, 1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_deterministic_program_declares_no_draws(x) -> None:
     assert SinglePass(_net().eval()).draws(x) == []
 
