@@ -422,10 +422,10 @@ def test_one_thread_is_chosen_only_where_it_measured_faster() -> None:
 
         return run
 
-    assert faster_alone(sleeper(0), sleeper(0.002), x)
-    assert not faster_alone(sleeper(0.002), sleeper(0), x)
-    # a call of more than 5 ms is the pool's without measuring the single thread
-    assert not faster_alone(sleeper(0, "alone"), sleeper(0.006), x)
+    assert faster_alone(sleeper(0), sleeper(0.002), x, pool_above_s=1.0)
+    assert not faster_alone(sleeper(0.002), sleeper(0), x, pool_above_s=1.0)
+    # a call of more than 5 ms (here 20) is the pool's without measuring the single thread
+    assert not faster_alone(sleeper(0, "alone"), sleeper(0.02), x)
     assert calls["alone"] == 0
 
 

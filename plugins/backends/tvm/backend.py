@@ -270,16 +270,16 @@ class TVMBackend(BackendBase):
         return run
 
 
-def faster_alone(alone: Runner, pooled: Runner, x: Tensor) -> bool:
+def faster_alone(alone: Runner, pooled: Runner, x: Tensor, pool_above_s: float = 5e-3) -> bool:
     """Whether one thread runs x's batch faster than the pool. At small batches waking and
     joining the workers costs more than they save (PFP's 8x8 MLP at batch 1: 0.019 ms on
     one thread, 0.029 on two); where the two cross depends on the CPU, so it is measured:
     blocks of about a millisecond, interleaved, median of seven each. Work of more than
-    5 ms a call is left to the pool without measuring."""
+    `pool_above_s` a call is left to the pool without measuring."""
     start = time.perf_counter()
     pooled(x)
     call_s = time.perf_counter() - start
-    if call_s > 5e-3:
+    if call_s > pool_above_s:
         return False
     alone(x)
     calls = max(1, int(1e-3 / max(call_s, 1e-6)))
