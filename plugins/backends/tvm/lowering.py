@@ -70,7 +70,7 @@ def _check_first(op: MomentOp, deterministic: bool) -> None:
         raise HarnessError(f"MomentOp '{op.op}' says first=True but its input carries variance")
 
 
-def flat_shape(x: relax.Expr) -> list[int]:
+def _flat_shape(x: relax.Expr) -> list[int]:
     batch, *rest = _shape(x)
     return [batch, int(np.prod(rest))]
 
@@ -201,7 +201,7 @@ def to_relax(
                 # kernel (0.18 ms of the MLP's 4.8 at batch 1000). Only here: the memory
                 # planner does not follow views, and could reuse a viewed intermediate's
                 # storage for a later op's output.
-                env[last] = bb.emit(relax.op.memory.view(x, flat_shape(x))), None
+                env[last] = bb.emit(relax.op.memory.view(x, _flat_shape(x))), None
             else:
                 env[last] = _emit_op(bb, op, *args[0], pad_to, pair)
         m, v = env[last]
