@@ -8,9 +8,10 @@ built from a *random posterior of the right shapes* (inference cost does not dep
 the weight values): SVI mean-field mu/sigma around the initial weights, SWAG variances and
 rank-20 deviations, a Kronecker-factored last-layer Laplace with random orthogonal
 factors, ensemble members from independent initialisations; each method's default
-config (samples, members, rank). Sampled programs draw their noise with torch inside
-every timed call, on every backend (TVM and ONNX Runtime take the declared draws as
-inputs), so the sampling cost is in every number.
+config (samples, members, rank). Sampled programs draw their noise inside every timed
+call, on every backend, so the sampling cost is in every number: `tvm` draws it inside
+the compiled module (backend.noise=philox, its default), `tvm-fed` takes torch's draws as
+inputs (noise=torch), as ONNX Runtime does; eager and torch.compile draw with torch.
 
 Backends: `tvm` (backend default: hand schedules for PFP, our register-tiled
 matmul/conv schedules plus DLight for the generic path), eager PyTorch, torch.compile
@@ -79,7 +80,8 @@ PROGRAMS = (
     "linearised",
     "pfp",
 )
-BACKENDS = ("tvm", "eager", "torch.compile", "onnxruntime")
+BACKENDS = ("tvm", "tvm-fed", "eager", "torch.compile", "onnxruntime")
+SAMPLED = ("mc_dropout", "svi", "swag")  # programs with random draws: also `tvm-fed`
 # torch.compile specialises per batch size (dynamic=false): 10-20 s per program and size.
 # SVI, SWAG, Laplace and linearised under it would add ~8 minutes to a full run and are
 # bound by weight sampling (SVI, SWAG); --compile-programs adds them.
@@ -198,6 +200,7 @@ def executables(
     ms = replace(cfg, tune="metaschedule", trials=args.trials)
     builders = {
         "tvm": lambda p: tvm.compile(p, example, cfg),
+        "tvm-fed": lambda p: tvm.compile(p, example, replace(cfg, noise="torch")),
         "tvm-none": lambda p: tvm.compile(p, example, replace(cfg, tune="none")),
         "tvm-metaschedule": lambda p: tvm.compile(p, example, ms),
         "eager": eager,
@@ -238,6 +241,8 @@ def groups(args: argparse.Namespace, model: str, batch: int, ort: bool) -> list[
     out = []
     for prog in args.programs:
         names = [f"{prog}/{b}" for b in backends]
+        if prog in SAMPLED:
+            names.append(f"{prog}/tvm-fed")
         if prog in args.compile_programs:
             names.append(f"{prog}/torch.compile")
         if prog == "pfp":
@@ -395,8 +400,10 @@ def markdown(rows, breakdown, args: argparse.Namespace, notes: list[str]) -> str
         f"{EnsembleConfig().members} members, SVI {svi.samples} weight samples"
         f"{' with' if svi.local_reparam else ' without'} local reparameterisation, SWAG "
         f"{SWAGConfig().samples} samples, Laplace last-layer KFAC GLM probit). Noise of "
-        "sampled programs: drawn by torch inside every timed call on every backend (TVM and "
-        "ONNX Runtime take the draws as inputs). Median ms per call; `x` = eager / TVM.",
+        "sampled programs, drawn inside every timed call on every backend: `tvm` draws it "
+        "inside the compiled module (Philox-4x32-10, backend.noise=philox, the default), "
+        "`tvm-fed` and ONNX Runtime take torch's draws as inputs, eager and torch.compile "
+        "draw with torch. Median ms per call; `x` = eager / TVM.",
         "",
     ]
     for model in args.models:

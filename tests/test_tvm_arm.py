@@ -93,36 +93,40 @@ def board_cfg(**kw) -> TVMArmConfig:
 @pytest.mark.slow
 @pytest.mark.usefixtures("arm_board")
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "noise"),
     [
-        ("method=pfp", "model=mlp"),
-        ("method=pfp", "model=lenet5"),
-        ("method=svi", "method.samples=4"),
-        ("method=mc_dropout", "method.samples=4"),
-        ("method=ensemble", "method.members=2"),
+        (("method=pfp", "model=mlp"), "philox"),
+        (("method=pfp", "model=lenet5"), "philox"),
+        (("method=svi", "method.samples=4"), "torch"),
+        (("method=mc_dropout", "method.samples=4"), "philox"),
+        (("method=ensemble", "method.members=2"), "philox"),
     ],
-    ids=["pfp-mlp", "pfp-lenet5", "svi", "mc_dropout", "ensemble"],
+    ids=["pfp-mlp", "pfp-lenet5", "svi", "mc_dropout-philox", "ensemble"],
 )
 def test_emulated_board_matches_host_tvm_and_eager(
-    make_cfg: Callable[..., DictConfig], overrides: tuple[str, ...]
+    make_cfg: Callable[..., DictConfig], overrides: tuple[str, ...], noise: str
 ) -> None:
+    """Same seed, same draws: fed by torch (then eager agrees too) or drawn inside the
+    module (Philox: the board's numbers are the host's)."""
     program, pool = trained_program(make_cfg, *overrides)
     x = pool[:5]
     arm = TVMArmBackend()
-    exe = arm.compile(program, x, board_cfg())
+    exe = arm.compile(program, x, board_cfg(noise=noise))
     try:
         assert exe.describe()["tags"] == {"device": "emulated"}
         on_arm = outputs(exe, x, seed=7)
         on_arm_b1 = outputs(exe, x[:1], seed=7)  # a second module on the same session
     finally:
         exe.close()
-    on_host = outputs(TVMBackend().compile(program, x, TVMConfig()), x, seed=7)
+    on_host = outputs(TVMBackend().compile(program, x, TVMConfig(noise=noise)), x, seed=7)
     in_torch = outputs(eager(program, x), x, seed=7)
     assert len(on_arm) == len(in_torch) == (2 if program.kind == "moments" else 1)
+    same_draws_as_eager = noise == "torch" or not program.draws(x)
     for a, h, t in zip(on_arm, on_host, in_torch, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, h, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(a, t, rtol=1e-3, atol=1e-3)
+        if same_draws_as_eager:
+            torch.testing.assert_close(a, t, rtol=1e-3, atol=1e-3)
     if program.kind == "moments":  # no draws: batch 1 is the first row of batch 5
         torch.testing.assert_close(on_arm_b1[0], on_arm[0][:1], rtol=1e-5, atol=1e-5)
 

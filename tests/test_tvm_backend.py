@@ -1,5 +1,6 @@
 """backend=tvm beyond the operator library: the generic path for every sampling method, the
-random draws fed as inputs, errors, and a whole run through the runner into MLflow."""
+random draws fed as inputs or drawn inside (Philox), errors, and a whole run through the
+runner into MLflow."""
 
 from __future__ import annotations
 
@@ -45,14 +46,33 @@ def x() -> torch.Tensor:
     return torch.randn(3, *SPEC.input_shape, generator=torch.Generator().manual_seed(0))
 
 
-def _on_tvm_and_eager(program: InferenceProgram, x: torch.Tensor, seed: int):
-    """The compiled executable, and one call of it and of eager PyTorch after the same
-    seed: sampling programs then get the same draws on both."""
-    exe = TVMBackend().compile(program, x, TVMConfig(tune="default"))
+def _on_tvm_and_eager(program: InferenceProgram, x: torch.Tensor, seed: int, noise="torch"):
+    """The compiled executable, and one call of it and of eager PyTorch with the same
+    draws. noise="torch": both after the same seed. noise="philox": the module's call at a
+    state from the seed, and eager fed the numbers each draw's kernel, built alone, makes
+    at that state (tests/philox_reference.py checks those kernels against Philox itself)."""
+    exe = TVMBackend().compile(program, x, TVMConfig(tune="default", noise=noise))
     torch.manual_seed(seed)
-    out = exe(x)
-    torch.manual_seed(seed)
-    with torch.no_grad():
+    if noise == "torch":
+        out = exe(x)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            ref = program(x)
+        return exe, out, ref
+    import tvm
+    from tvm import relax
+
+    from plugins.backends.tvm.backend import host_target
+    from tests.philox_reference import kernel_numbers
+
+    cfg = TVMConfig(noise=noise)
+    built, _, got = TVMBackend().build_module(program, x, "generic", host_target(), cfg)
+    assert got.in_graph and got.draws == program.draws(x)
+    state = torch.randint(-(2**31), 2**31, (4,), dtype=torch.int32)
+    vm = relax.VirtualMachine(built, tvm.cpu())
+    args = [tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(state.numpy())]
+    out = torch.from_dlpack(vm["main"](*args))
+    with torch.no_grad(), DrawsAsInputs(kernel_numbers(got.draws, state)):
         ref = program(x)
     return exe, out, ref
 
@@ -141,7 +161,7 @@ def test_layer_widths_are_padded_to_whole_vectors() -> None:
             if isinstance(b.value, relax.Call) and b.value.op.name == "relax.matmul"
         ]
         assert widths and widths[0] % width == 0 and widths[0] > 20, widths
-        exe = TVMBackend().compile(program.eval(), x, TVMConfig(tune="default"))
+        exe = TVMBackend().compile(program.eval(), x, TVMConfig(tune="default", noise="torch"))
         draws = program.draws(x)
         torch.manual_seed(9)
         out = exe(x)
@@ -172,14 +192,18 @@ def _linearised(fac) -> InferenceProgram:
     return LinearisedProgram(build_ops(net, mu, var))
 
 
-@pytest.mark.parametrize("make", [_swag, _linearised], ids=["swag", "linearised"])
-def test_epilogues_beside_the_matmul_match_eager(x, make) -> None:
+@pytest.mark.parametrize(
+    ("make", "noise"),
+    [(_swag, "torch"), (_swag, "philox"), (_linearised, "torch")],
+    ids=["swag", "swag-philox", "linearised"],
+)
+def test_epilogues_beside_the_matmul_match_eager(x, make, noise: str) -> None:
     """SWAG's weight draw (a low-rank matmul whose epilogue reads sqrt(var) * z, computed
     beside it) and the linearised ReLU (a mask from another input in the epilogue) are
     scheduled kernels too, and their numbers match eager PyTorch with the same draws."""
     torch.manual_seed(0)
     program = make(_factory()).eval()
-    _, out, ref = _on_tvm_and_eager(program, x, seed=5)
+    _, out, ref = _on_tvm_and_eager(program, x, seed=5, noise=noise)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -222,16 +246,18 @@ def test_max_pool_indices_are_torchs(args) -> None:
     torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("noise", ["torch", "philox"])
 @pytest.mark.parametrize("local_reparam", [False, True], ids=["weights", "lrt"])
-def test_svi_draws_are_inputs_sampled_per_call(x, local_reparam: bool) -> None:
-    """Same seed, same draws in the same order: TVM's samples equal eager PyTorch's."""
+def test_svi_draws_are_sampled_per_call(x, local_reparam: bool, noise: str) -> None:
+    """Same draws in the same order: TVM's samples equal eager PyTorch's, whether torch
+    draws them (same seed) or the module does (eager fed the same Philox numbers)."""
     torch.manual_seed(0)
     fac = _factory()
     program = SampledWeights(fac(), _posterior(fac()), 5, local_reparam).eval()
-    exe, out, ref = _on_tvm_and_eager(program, x, seed=7)
+    exe, out, ref = _on_tvm_and_eager(program, x, seed=7, noise=noise)
     assert out.shape == (5, 3, 4)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(exe(x), out), "the draws must change from call to call"
+    assert not torch.allclose(exe(x), exe(x)), "the draws must change from call to call"
     assert out.std(0).mean() > 1e-3, "the samples must differ from each other"
 
 
@@ -283,7 +309,7 @@ def test_mc_dropout_masks_are_inputs_not_dropped(x) -> None:
     """TVM's frontend turns dropout into the identity; here the masks are fed in."""
     torch.manual_seed(0)
     program = DropoutSampler(_factory()().eval(), 6).eval()
-    exe = TVMBackend().compile(program, x, TVMConfig(tune="none"))
+    exe = TVMBackend().compile(program, x, TVMConfig(tune="none", noise="torch"))
     draws = program.draws(x)
     assert [d.dist for d in draws] == ["bernoulli(0.8)"] and draws[0].shape == (18, 16)
     torch.manual_seed(3)
@@ -293,6 +319,18 @@ def test_mc_dropout_masks_are_inputs_not_dropped(x) -> None:
         ref = program(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert out.std(0).mean() > 1e-3
+
+
+def test_mc_dropout_masks_drawn_inside_match_eager(x) -> None:
+    """With the masks drawn inside (noise=philox): eager fed the same masks agrees, the
+    masks keep units at the configured rate, and they change from call to call."""
+    torch.manual_seed(0)
+    program = DropoutSampler(_factory()().eval(), 6).eval()
+    exe, out, ref = _on_tvm_and_eager(program, x, seed=3, noise="philox")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out.std(0).mean() > 1e-3
+    assert not torch.allclose(exe(x), exe(x))
+    assert exe.describe()["noise"].startswith("Philox")
 
 
 class _Bad(InferenceProgram):

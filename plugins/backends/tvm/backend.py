@@ -20,6 +20,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,43 @@ from torch import Tensor
 
 from harness.api import (
     BackendBase,
+    Draw,
     HarnessError,
     InferenceProgram,
     draw_buffers,
     sample_draws,
 )
-from plugins.backends.tvm import TVMArmConfig, TVMConfig
+from plugins.backends.tvm import TVMArmConfig, TVMConfig, philox
 
 PATHS = ("auto", "gaussian", "generic")
+NOISE = ("philox", "torch")
 Runner = Callable[[Tensor], Any]
+Feed = Callable[[], list[Tensor]]
+
+
+@dataclass
+class Noise:
+    """What a built module takes after x: the program's draws (sampled by PyTorch per
+    call) or, drawn inside it (philox.in_graph), one Philox state."""
+
+    draws: list[Draw]
+    in_graph: bool = False
+
+    def feed(self) -> Feed:
+        """The inputs of one call after x, fresh per call. Runners called one after another
+        may share a feed: the draws' buffers are refilled only after the previous call has
+        returned (SVI's MLP: 36 MB)."""
+        if self.in_graph:
+            return philox.State()
+        buffers = draw_buffers(self.draws)
+        return lambda: sample_draws(self.draws, out=buffers)
+
+    def describe(self) -> str:
+        if not self.draws:
+            return "none"
+        if self.in_graph:
+            return "Philox-4x32-10 inside the compiled module, per call"
+        return "sampled by torch per call, fed as inputs"
 
 
 def host_target(mcpu: str = ""):
@@ -168,6 +197,10 @@ class TVMBackend(BackendBase):
         if cfg.path not in PATHS:
             raise HarnessError(f"backend.path must be one of {', '.join(PATHS)}, got '{cfg.path}'")
         tuning.check_mode(cfg.tune)
+        if cfg.noise not in NOISE:
+            raise HarnessError(
+                f"backend.noise must be one of {', '.join(NOISE)}, got '{cfg.noise}'"
+            )
         if cfg.trials < 0:
             raise HarnessError(f"backend.trials must be >= 0, got {cfg.trials}")
         thread_count(cfg)
@@ -186,7 +219,6 @@ class TVMBackend(BackendBase):
             "target": str(target),
             "tuning": cfg.tune,
             "path": path,
-            "noise": "none" if path == "gaussian" else "sampled by torch per call, fed as inputs",
             "threads": thread_count(cfg),
             "lanes": lanes(target),
         }
@@ -195,25 +227,28 @@ class TVMBackend(BackendBase):
         return exe
 
     def _module(self, program: InferenceProgram, x: Tensor, path: str, target, cfg: TVMConfig):
-        """The Relax module, its hand schedule (or None) and the program's random draws."""
+        """The Relax module, its hand schedule (or None) and its noise inputs."""
         from plugins.backends.tvm import generic, lowering, schedules, tuning
 
         width = lanes(target)
         if path == "gaussian":
             pair = cfg.tune != "metaschedule"  # its tiling rule takes one-output blocks
             mod = lowering.to_relax(program.moment_ops(), tuple(x.shape), pad_to=width, pair=pair)
-            return mod, (lambda m: schedules.schedule_module(m, width)), []
+            return mod, (lambda m: schedules.schedule_module(m, width)), Noise([])
         mod, draws = generic.to_relax(program, x)
         mod = generic.pad_widths(generic.shared_input_matmuls(mod, width), width)
+        noise = Noise(draws, in_graph=cfg.noise == "philox" and bool(draws))
+        if noise.in_graph:
+            mod = philox.in_graph(mod, draws)
         first = lambda m: generic.schedule_fused(m, width)  # noqa: E731
-        return mod, (lambda m: tuning.dlight(m, target, first)), draws
+        return mod, (lambda m: tuning.dlight(m, target, first)), noise
 
     def build_module(self, program: InferenceProgram, x: Tensor, path: str, target, cfg):
-        """(executable, tuning.BuildInfo, draws) at x's batch size: what compile and export
+        """(executable, tuning.BuildInfo, Noise) at x's batch size: what compile and export
         both build."""
         from plugins.backends.tvm import tuning
 
-        mod, schedule, draws = self._module(program, x, path, target, cfg)
+        mod, schedule, noise = self._module(program, x, path, target, cfg)
         ex, built = tuning.build(
             mod,
             target,
@@ -223,19 +258,20 @@ class TVMBackend(BackendBase):
             tuning_dir=cfg.tuning_dir,
             **self.measured_on(cfg),
         )
-        return ex, built, draws
+        return ex, built, noise
 
     def _build(
         self, program: InferenceProgram, x: Tensor, path: str, target, cfg: TVMConfig, info
     ) -> Runner:
-        ex, built, draws = self.build_module(program, x, path, target, cfg)
+        ex, built, noise = self.build_module(program, x, path, target, cfg)
+        info["noise"] = noise.describe()
         info["trials"] += built.trials
         info["tuned_tasks"] += built.tuned_tasks
         info["tasks"] += built.tasks
         info["applied"] += built.applied
         if built.database:
             info["database"] = built.database
-        return self.runner(ex, draws, cfg, info, x)
+        return self.runner(ex, noise, cfg, info, x)
 
     def measured_on(self, cfg: TVMConfig) -> dict[str, Any]:
         """tuning.build's `measure` and database `label`: MetaSchedule times candidates on
@@ -248,18 +284,18 @@ class TVMBackend(BackendBase):
         """Deployable artefact (Backend.export): this host's library and a numpy+TVM runner."""
         from plugins.backends.tvm import export
 
-        ex, draws, target = export.build(self, program, example, cfg)
-        return export.write(ex, draws, target, Path(out), None)
+        ex, noise, target = export.build(self, program, example, cfg)
+        return export.write(ex, noise, target, Path(out), None)
 
-    def runner(self, ex, draws, cfg: TVMConfig, info, x: Tensor) -> Runner:
+    def runner(self, ex, noise: Noise, cfg: TVMConfig, info, x: Tensor) -> Runner:
         import tvm
         from tvm import relax
 
         vm = relax.VirtualMachine(ex, tvm.cpu())
-        buffers = draw_buffers(draws)  # one set for both thread counts tried (SVI: 36 MB)
+        feed = noise.feed()  # one for both thread counts tried
 
         def on(n: int) -> Runner:
-            return _runner(vm["main"], draws, _share, lambda: use_threads(n), _shared, buffers)
+            return _runner(vm["main"], feed, _share, lambda: use_threads(n), _shared)
 
         threads = thread_count(cfg)
         run = on(threads)
@@ -316,25 +352,17 @@ def _shared(out: Any) -> Any:
 
 
 def _runner(
-    fn,
-    draws,
-    put,
-    before: Callable[[], None] | None = None,
-    out: Callable = to_torch,
-    buffers: list[Tensor] | None = None,
+    fn, feed: Feed, put, before: Callable[[], None] | None = None, out: Callable = to_torch
 ) -> Runner:
     """Fresh noise per call (inside the timed call), then the compiled function.
 
-    put: a torch tensor to the function's device; out: its outputs back to torch;
-    buffers: the draws' (draw_buffers), refilled per call: the function has returned by
-    then, so runners called one after another may share them."""
-    if buffers is None:
-        buffers = draw_buffers(draws)
+    feed: Noise.feed's; put: a torch tensor to the function's device; out: its outputs
+    back to torch."""
 
     def run(x: Tensor) -> Any:
         if before is not None:
             before()
-        args = [put(x)] + [put(noise) for noise in sample_draws(draws, out=buffers)]
+        args = [put(x)] + [put(noise) for noise in feed()]
         return out(fn(*args))
 
     return run
@@ -356,8 +384,8 @@ class TVMArmBackend(TVMBackend):
         from plugins.backends.tvm import arm, export
 
         arm.check_compiler(cfg.cc)
-        ex, draws, target = export.build(self, program, example, cfg)
-        return export.write(ex, draws, target, Path(out), cfg.cc)
+        ex, noise, target = export.build(self, program, example, cfg)
+        return export.write(ex, noise, target, Path(out), cfg.cc)
 
     def compile(
         self, program: InferenceProgram, example: Tensor, cfg: TVMArmConfig
@@ -415,6 +443,6 @@ class TVMArmBackend(TVMBackend):
             "label": "emulated" if emulated else "",
         }
 
-    def runner(self, ex, draws, cfg: TVMArmConfig, info, x: Tensor) -> Runner:
+    def runner(self, ex, noise: Noise, cfg: TVMArmConfig, info, x: Tensor) -> Runner:
         fn, put = self.session.load(ex)
-        return _runner(fn, draws, lambda t: put(t.detach().contiguous().numpy()))
+        return _runner(fn, noise.feed(), lambda t: put(t.detach().contiguous().numpy()))

@@ -2,8 +2,10 @@
 
 `predict.py` needs numpy and the TVM runtime only (the aarch64 wheels on a board, with
 `TVM_USE_RUNTIME_LIB=1` and no compiler library): no torch, no harness. Random draws of a
-sampling program (weight noise, dropout masks) are listed in the manifest and sampled with
-numpy per call, as the harness samples them with torch; moments need no draws.
+sampling program (weight noise, dropout masks) are listed in the manifest. Built with
+`backend.noise=philox` the library draws them itself and the runner passes a fresh key and
+counter from numpy per call; with `torch` the runner samples them with numpy per call, as
+the harness samples them with torch. Moments need no draws.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def load():
 
 
 def draws(rng):
+    if MANIFEST["noise"] == "philox":  # drawn inside the library: its key and counter
+        return [rng.integers(-(2**31), 2**31, size=4, dtype=np.int32)]
     out = []
     for d in MANIFEST["draws"]:
         shape, dist = tuple(d["shape"]), d["dist"]
@@ -118,7 +122,7 @@ if __name__ == "__main__":
 '''
 
 
-def write(ex: Any, draws: list, target: Any, out: Path, cc: str | None) -> dict[str, Any]:
+def write(ex: Any, noise: Any, target: Any, out: Path, cc: str | None) -> dict[str, Any]:
     """Library, runner and the backend's part of the manifest (the runner adds the rest)."""
     out.mkdir(parents=True, exist_ok=True)
     if cc is None:
@@ -130,7 +134,8 @@ def write(ex: Any, draws: list, target: Any, out: Path, cc: str | None) -> dict[
         "library": LIBRARY,
         "runner": RUNNER,
         "target": str(target),
-        "draws": [{"shape": list(d.shape), "dist": d.dist} for d in draws],
+        "draws": [{"shape": list(d.shape), "dist": d.dist} for d in noise.draws],
+        "noise": "philox" if noise.in_graph else "fed",
     }
 
 
@@ -141,5 +146,5 @@ def build(backend: Any, program: InferenceProgram, example: Tensor, cfg: Any):
 
     tuning.check_mode(cfg.tune)
     path, target = choose_path(program, cfg.path), backend.target(cfg)
-    ex, _, draws = backend.build_module(program.eval(), example, path, target, cfg)
-    return ex, draws, target
+    ex, _, noise = backend.build_module(program.eval(), example, path, target, cfg)
+    return ex, noise, target

@@ -487,7 +487,7 @@ def schedule_fused(mod: Any, lanes: int) -> Any:
 
     out = {}
     for gv, func in mod.functions.items():
-        if isinstance(func, tirx.PrimFunc):
+        if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled"):
             done = schedule_func(func, lanes) or schedule_injective(func, lanes)
             if done is not None:
                 func = done.with_attrs({"global_symbol": gv.name_hint, "tirx.is_scheduled": True})
