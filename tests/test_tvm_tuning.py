@@ -151,3 +151,41 @@ def test_metaschedule_gets_gaussian_layers_it_can_tile() -> None:
         spaces = context.generate_design_space()
         tiled[pair] = sum("meta_schedule.tiling_structure" in str(s.trace) for s in spaces)
     assert tiled[True] == 0 and tiled[False] > 0, tiled
+
+
+def test_sampling_programs_are_searched_but_not_their_draws() -> None:
+    """The generic path's kernels are tasks (fused first: extract_tasks on the Relax
+    operators found none, and tune=metaschedule built them untuned); with
+    backend.noise=philox the draw kernels, written final, are not (a block-less function
+    broke the population rule's look for a root block)."""
+    from harness.api import DataSpec
+    from plugins.backends.tvm import generic, philox
+    from plugins.backends.tvm.backend import host_target
+    from plugins.methods.mc_dropout import DropoutSampler
+    from plugins.models import MLP, MLPConfig
+
+    net = MLP().factory(MLPConfig(hidden=[16], dropout=0.2), DataSpec((1, 6, 6), 4))()
+    mod, draws = generic.to_relax(DropoutSampler(net.eval(), 3).eval(), torch.randn(2, 1, 6, 6))
+    fed = [t.task_name for t in tuning.search_tasks(mod, host_target())]
+    assert any("matmul" in n for n in fed), fed
+    inside = [t.task_name for t in tuning.search_tasks(philox.in_graph(mod, draws), host_target())]
+    assert inside and not any(n.startswith("draw") for n in inside), inside
+
+
+@pytest.mark.slow
+def test_a_sampling_program_is_tuned_and_built_from_its_records(tmp_path: Path) -> None:
+    """tune=metaschedule on the generic path, draws inside: the kernels are searched, the
+    build applies records, a second build searches nothing, and the draws still vary."""
+    from harness.api import DataSpec
+    from plugins.methods.mc_dropout import DropoutSampler
+    from plugins.models import MLP, MLPConfig
+
+    net = MLP().factory(MLPConfig(hidden=[16], dropout=0.2), DataSpec((1, 6, 6), 4))()
+    program, x = DropoutSampler(net.eval(), 3).eval(), torch.randn(2, 1, 6, 6)
+    cfg = TVMConfig(tune="metaschedule", trials=4, tuning_dir=str(tmp_path))
+    first = TVMBackend().compile(program, x, cfg).describe()
+    assert first["tuned_tasks"] > 0 and first["trials"] > 0 and first["applied"] > 0, first
+    exe = TVMBackend().compile(program, x, cfg)
+    again = exe.describe()
+    assert again["tuned_tasks"] == 0 and again["applied"] == first["applied"], again
+    assert not torch.allclose(exe(x), exe(x))

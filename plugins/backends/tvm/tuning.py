@@ -197,6 +197,27 @@ def _contexts(tasks: list, logs: Path, per_task: int, workers: int) -> list:
     return out
 
 
+def search_tasks(mod: tvm.IRModule, target: tvm.target.Target) -> list:
+    """MetaSchedule's tasks: the kernels of `mod` fused as the build that applies the
+    records fuses them (extract_tasks itself neither legalizes nor fuses, so the generic
+    path's Relax operators gave it no task at all and `tune=metaschedule` built them
+    untuned), less kernels written final (the in-graph draws, philox.py), which have no
+    blocks to search."""
+    from tvm.s_tir.meta_schedule import relax_integration as ri
+
+    with target:
+        fused = tvm.transform.Sequential(fuse_passes())(mod)
+    plain = {  # as _task_key looks records up
+        gv: f.without_attr("op_pattern") if isinstance(f, tirx.PrimFunc) else f
+        for gv, f in fused.functions.items()
+    }
+    return [
+        t
+        for t in ri.extract_tasks(tvm.IRModule(plain, attrs=fused.attrs), target)
+        if not t.dispatched[0]["main"].attrs.get("tirx.is_scheduled")
+    ]
+
+
 def _metaschedule(
     mod: tvm.IRModule,
     target: tvm.target.Target,
@@ -207,13 +228,12 @@ def _metaschedule(
 ) -> relax.VMExecutable:
     skip_gpu_intrinsics()
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule import relax_integration as ri
 
     if trials <= 0:
         raise HarnessError(f"backend.trials must be positive, got {trials}")
     work.mkdir(parents=True, exist_ok=True)
     db = ms.database.JSONDatabase(work_dir=str(work))
-    tasks = ri.extract_tasks(mod, target)
+    tasks = search_tasks(mod, target)
     # Workloads searched before count as done even if no candidate was valid (trivial
     # copies): a later build never searches them again.
     tried_file = work / "searched.json"
