@@ -263,3 +263,30 @@ def test_elementwise_vectors_stay_inside_the_trailing_axes() -> None:
     for lane in lanes:
         leading = re.findall(rf"v_i[01] = T\.axis\.spatial\([^\n]*\b{lane}\b", script)
         assert not leading, leading
+
+
+@pytest.mark.parametrize("shape", [(30, 17610), (1, 100003), (100003,)], ids=str)
+def test_rows_of_no_whole_vectors_run_as_whole_vectors_then_a_short_one(shape) -> None:
+    """An elementwise block whose rows are no multiple of the lanes (SWAG's weight draw,
+    30 x 17,610): each row as whole 16-lane vectors and one short vector, no per-lane
+    division by the row width; rows in parallel, or a single row's vectors. Values
+    checked against numpy."""
+    import numpy as np
+    import tvm
+    from tvm import s_tir, te
+
+    from plugins.backends.tvm import schedules
+    from plugins.backends.tvm.backend import host_target
+
+    a = te.placeholder(shape, "float32", name="a")
+    b = te.compute(shape, lambda *i: a(*i) * 2.0 + 1.0, name="b")
+    sch = s_tir.Schedule(te.create_prim_func([a, b]))
+    schedules._elementwise(sch, sch.get_sblock("b"), 16)
+    script = sch.mod["main"].script()
+    assert "T.vectorized(T.int64(16))" in script or "T.vectorized(16)" in script, script
+    assert "T.parallel" in script and "//" not in script and "%" not in script, script
+    lib = tvm.compile(sch.mod, target=host_target())
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    out = tvm.runtime.tensor(np.zeros(shape, "float32"))
+    lib["main"](tvm.runtime.tensor(x), out)
+    np.testing.assert_allclose(out.numpy(), x * 2 + 1, rtol=1e-6)

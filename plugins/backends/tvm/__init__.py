@@ -27,9 +27,9 @@ class TVMConfig:
     # is half the logical CPUs on x86, one thread on a 2-core machine), or one thread at a
     # batch size where one measured faster when it was built (describe: threads_by_batch)
     threads: int = 0
-    # a sampling program's random draws: philox, drawn inside the compiled module on TVM's
-    # threads (Philox-4x32-10); torch, sampled by PyTorch per call and fed in (the numbers
-    # eager PyTorch would draw under the same seed)
+    # a sampling program's random draws: philox, drawn inside the compiled module
+    # (Philox-4x32-10, a draw of over 16 K numbers on TVM's threads); torch, sampled by
+    # PyTorch per call and fed in (the numbers eager PyTorch would draw under one seed)
     noise: str = "philox"
 
 

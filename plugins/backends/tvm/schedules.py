@@ -96,11 +96,13 @@ def _whole_vectors_then_rest(sch: s_tir.Schedule, loops: list, lanes: int) -> No
     *lead, last = loops
     width = _extent(sch, last)
     body, rest = sch.loop_partition(last, [width - width % lanes, None])
-    _, lane = sch.split(body, [None, lanes])
+    vectors, lane = sch.split(body, [None, lanes])
     sch.vectorize(lane)
     sch.vectorize(rest)
-    if lead:
+    if _extent_of(sch, lead) > 1:
         sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+    else:  # one row (1-D, or a batch of 1): its vectors in parallel
+        sch.parallel(vectors)
 
 
 def inline_epilogues(sch: Any, epilogues: list) -> None:
