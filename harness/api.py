@@ -157,7 +157,12 @@ class Draw:
         out.uniform_(generator=generator)
         if self.dist == "uniform":
             return out
-        return out.copy_(out < _bernoulli_p(self.dist))
+        return out.copy_(out < self.bernoulli_p)
+
+    @property
+    def bernoulli_p(self) -> float | None:
+        """p of a "bernoulli(p)" draw (None for the others): for a compiler drawing it itself."""
+        return _bernoulli_p(self.dist)
 
 
 def _bernoulli_p(dist: str) -> float | None:

@@ -44,28 +44,34 @@ def philox(counter, key, rounds: int = 10) -> np.ndarray:
     return np.stack(np.broadcast_arrays(*c)).astype(np.uint32)
 
 
-def words(n: int, stream: int, state: np.ndarray) -> np.ndarray:
-    """The n words of draw `stream` at `state` (int32[4]) in the draw's order: word j of
-    counter i at j * (n // 4) + i, then the tail's from counter n // 4."""
+def _counters(n: int, stream: int, state: np.ndarray) -> np.ndarray:
+    """[4, n // 4 + 1] words of draw `stream` at `state` (int32[4]): counters 0 .. n // 4."""
     s = np.asarray(state, dtype=np.int32).view(np.uint32).astype(np.uint64)
     quads = n // 4
-    w = philox((np.arange(quads + 1, dtype=np.uint64), stream, s[2], s[3]), (s[0], s[1]))
-    return np.concatenate([w[:, :quads].reshape(-1), w[:, quads][: n - 4 * quads]])
+    return philox((np.arange(quads + 1, dtype=np.uint64), stream, s[2], s[3]), (s[0], s[1]))
+
+
+def _in_draw_order(planes: np.ndarray, n: int) -> np.ndarray:
+    """Word j of counter i at j * (n // 4) + i, then the tail's from counter n // 4."""
+    quads = n // 4
+    return np.concatenate([planes[:, :quads].reshape(-1), planes[:, quads][: n - 4 * quads]])
+
+
+def words(n: int, stream: int, state: np.ndarray) -> np.ndarray:
+    """The n words of draw `stream` at `state`, in the draw's order."""
+    return _in_draw_order(_counters(n, stream, state), n)
 
 
 def normals(n: int, stream: int, state: np.ndarray) -> np.ndarray:
     """Box-Muller in float64 on the same words: what the float32 kernel approximates."""
-    s = np.asarray(state, dtype=np.int32).view(np.uint32).astype(np.uint64)
-    quads = n // 4
-    w = philox((np.arange(quads + 1, dtype=np.uint64), stream, s[2], s[3]), (s[0], s[1]))
+    w = _counters(n, stream, state)
     out = []
     for h in range(2):
         u = ((w[2 * h] >> 8).astype(np.float64) + 1) * 2.0**-24
         v = (w[2 * h + 1] >> 8).astype(np.float64) * 2.0**-24
         r = np.sqrt(-2 * np.log(u))
         out += [r * np.cos(2 * np.pi * v), r * np.sin(2 * np.pi * v)]
-    z = np.stack(out)
-    return np.concatenate([z[:, :quads].reshape(-1), z[:, quads][: n - 4 * quads]])
+    return _in_draw_order(np.stack(out), n)
 
 
 def kernel_numbers(draws: list[Draw], state: torch.Tensor) -> list[torch.Tensor]:

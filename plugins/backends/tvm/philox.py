@@ -6,16 +6,15 @@ Fed from PyTorch, a sampling program's noise is drawn on one thread by a serial 
 kernels. Here each draw is a kernel of its own: Philox-4x32-10 (Salmon et al., SC'11; the
 generator of cuRAND and PyTorch's CUDA backend), counter-based, so every block of numbers
 is computed independently, in vectors, and a draw of more than CHUNK counters (16 K
-numbers) on every core; Box-Muller turns its 32-bit
-words into normals with polynomial log, sin and cos (Cephes' single-precision ones),
-since LLVM leaves the libm calls scalar.
+numbers) on every core; Box-Muller turns its 32-bit words into normals with polynomial
+log, sin and cos (Cephes' single-precision ones), since LLVM leaves the libm calls scalar.
 
-Number 4i+j of draw d comes from the counter (i, d, s2, s3) under the key (s0, s1), where
-s is the call's int32[4] input `state` (see State), so the program stays a pure function
-of its inputs; word j of the counter's output becomes that number (uniform, Bernoulli)
-or, pairwise, two normals.
-Numbers of draw d are laid out in four planes (word j of counter i at j * Q + i) so the
-kernel writes each word with contiguous vector stores.
+Draw d of a call runs Philox on the counters (i, d, s2, s3), i = 0 .. Q-1 (Q = n // 4),
+under the key (s0, s1), where s is the call's int32[4] input `state` (see State), so the
+program stays a pure function of its inputs. Word j of counter i becomes number j * Q + i
+of the draw (uniform, Bernoulli; normals pairwise from words 0-1 and 2-3): four planes,
+so the kernel writes each word with contiguous vector stores. The n - 4Q numbers left
+come from counter Q.
 
 TVM 0.27's loop vectoriser miscompiles bound variables (a `Bind` in a vectorised loop
 keeps one lane), so the loops are left serial for LLVM's own vectoriser, which turns the
@@ -154,7 +153,7 @@ def _values(draw: Draw, words: list[str], p: str) -> tuple[list[str], list[str]]
         return _normals(words, p)
     if draw.dist == "uniform":
         return [], [_unit(w) for w in words]
-    keep = float(draw.dist[len("bernoulli(") : -1])
+    keep = draw.bernoulli_p
     threshold = min(2**24, math.ceil(keep * 2**24))  # P(word >> 8 < threshold) = keep
     return [], [
         f"T.Select({w} >> T.uint32(8) < {_u(threshold)}, {_f(1.0)}, {_f(0.0)})" for w in words

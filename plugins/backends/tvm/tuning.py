@@ -207,9 +207,8 @@ def search_tasks(mod: tvm.IRModule, target: tvm.target.Target) -> list:
 
     with target:
         fused = tvm.transform.Sequential(fuse_passes())(mod)
-    plain = {  # as _task_key looks records up
-        gv: f.without_attr("op_pattern") if isinstance(f, tirx.PrimFunc) else f
-        for gv, f in fused.functions.items()
+    plain = {
+        gv: _unfused(f) if isinstance(f, tirx.PrimFunc) else f for gv, f in fused.functions.items()
     }
     return [
         t
@@ -299,8 +298,12 @@ def _task_key(func: tirx.PrimFunc) -> tvm.IRModule:
     `op_pattern` attribute that extracted tasks lack (with `global_symbol` "main" instead),
     and records are keyed by a structural hash that includes attributes; TVM's own
     `compile_relax` therefore finds no record and builds the untuned module."""
-    func = func.without_attr("op_pattern").with_attr("global_symbol", "main")
-    return tvm.IRModule({"main": func})
+    return tvm.IRModule({"main": _unfused(func).with_attr("global_symbol", "main")})
+
+
+def _unfused(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Without the attribute fusion adds: how tasks are extracted and records looked up."""
+    return func.without_attr("op_pattern")
 
 
 def apply_records(db, target: tvm.target.Target, mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
